@@ -1,0 +1,166 @@
+"""Shared edges of the experiments: config checks that give clear messages, and output writers
+(``summary.json``, Markdown tables, PNG plots). No math lives here."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+
+
+class ConfigError(ValueError):
+    """A user error in a config: ``run.py`` prints it without a traceback and exits with code 2."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """' Did you mean X?' when ``name`` is close to one of ``choices``, else ''."""
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
+    """Raises ConfigError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"config.{key}={value!r} is not valid.{suggest(value, choices)} "
+                          f"Valid choices: {', '.join(map(repr, choices))}.")
+
+
+def check_positive(value: Any, key: str, *, allow_zero: bool = False) -> None:
+    """Raises ConfigError unless ``value`` is a number > 0 (or >= 0 with ``allow_zero``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value >= 0 if allow_zero else value > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"config.{key}={value!r} must be a finite number {bound}.")
+
+
+def check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str = "") -> None:
+    """Raises ConfigError if ``config`` has a key that ``schema`` lacks (recursively), naming the
+    closest valid key, or if a value's type differs from the schema's (ints pass as floats; a
+    schema value of ``None`` accepts anything)."""
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        if key not in schema:
+            raise ConfigError(f"config.{path} is not a known key.{suggest(key, schema.keys())} "
+                              f"Valid keys{' under config.' + prefix[:-1] if prefix else ''}: "
+                              f"{', '.join(sorted(schema.keys()))}.")
+        ref = schema[key]
+        if isinstance(ref, Mapping) and not isinstance(value, Mapping):
+            raise ConfigError(f"config.{path} must be a section with keys {sorted(ref.keys())}, "
+                              f"got {value!r}.")
+        if isinstance(ref, Mapping):
+            if ref:  # an empty schema section accepts any keys
+                check_keys(value, ref, prefix=f"{path}.")
+            continue
+        if ref is None or value is None:
+            continue
+        if isinstance(ref, bool) != isinstance(value, bool):
+            raise ConfigError(f"config.{path}={value!r} must be a {type(ref).__name__}.")
+        if isinstance(ref, float) and isinstance(value, (int, float)):
+            continue
+        if isinstance(ref, (tuple, list)) and isinstance(value, (tuple, list)):
+            continue
+        if not isinstance(value, type(ref)):
+            raise ConfigError(f"config.{path}={value!r} must be a {type(ref).__name__} "
+                              f"(like the default {ref!r}).")
+
+
+def to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:
+    """A plain, JSON-serialisable dict of a (nested) ConfigDict."""
+    if isinstance(config, ml_collections.ConfigDict):
+        config = config.to_dict()
+    return json.loads(json.dumps(config, default=_json_default))
+
+
+def _json_default(obj: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+        if isinstance(obj, np.ndarray):
+            return obj.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    return str(obj)
+
+
+def write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON, atomically (write to a temporary file, then rename)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=_json_default)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_summary(workdir: str, summary: Mapping[str, Any]) -> None:
+    """Writes ``workdir/summary.json``."""
+    write_json(os.path.join(workdir, "summary.json"), dict(summary))
+
+
+def format_value(value: Any, digits: int = 4) -> str:
+    """Compact cell text: floats to ``digits`` significant digits, everything else via str."""
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
+                   digits: int = 4) -> str:
+    """A GitHub Markdown table of ``rows`` (dicts), columns in order of first appearance."""
+    if columns is None:
+        columns = []
+        for row in rows:
+            columns.extend(k for k in row if k not in columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(format_value(row.get(c, ""), digits) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(workdir: str, name: str, rows: Sequence[Mapping[str, Any]],
+                columns: Sequence[str] | None = None, title: str | None = None,
+                digits: int = 4) -> str:
+    """Writes ``workdir/<name>.md`` holding a Markdown table (and an optional title); returns it."""
+    text = markdown_table(rows, columns, digits)
+    if title:
+        text = f"## {title}\n\n{text}"
+    path = os.path.join(workdir, f"{name}.md")
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return text
+
+
+def savefig(fig: Any, workdir: str, name: str) -> str:
+    """Saves a matplotlib figure as ``workdir/<name>.png`` (150 dpi) and closes it."""
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(workdir, f"{name}.png")
+    os.makedirs(workdir, exist_ok=True)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (safe on headless machines)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,1 @@
+"""lrx.analysis."""
