@@ -1,5 +1,5 @@
-"""Test settings: float64 is enabled only inside tests that ask for it (``jax.experimental.enable_x64``),
-so the library is exercised in its default float32."""
+"""Test settings. float64 is enabled only inside tests that ask for it
+(``jax.experimental.enable_x64``), so the library is exercised in its default float32."""
 
 import os
 import sys
