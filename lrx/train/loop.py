@@ -1,0 +1,450 @@
+"""The shared training loop.
+
+``train(...)`` runs a jit-compiled, buffer-donating step with gradient accumulation over
+micro-batches, on a device mesh with explicit shardings; evaluates periodically; writes
+``metrics.jsonl`` (and TensorBoard events when ``tensorboardX`` is installed); saves orbax
+checkpoints every N steps and at the end (keeping the last k) and resumes from the latest one in the
+workdir; stops at the first non-finite loss without checkpointing the bad state; and turns
+SIGTERM/SIGINT into "save a checkpoint and return".
+
+Exact resume: the batch at step t comes from ``batch_fn(t)`` (a pure function of the step) and the
+step's randomness from the state's key, so N steps + resume + N steps gives the same parameters as
+2N steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lrx.train import sharding as shd
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
+Hook = Callable[[int, "TrainState", PyTree], tuple["TrainState", dict | None]]
+log = logging.getLogger("lrx.train")
+
+
+class TrainState(flax.struct.PyTreeNode):
+    """Everything a step reads and writes: ``step`` (int32 scalar), trainable ``params``,
+    ``frozen`` (non-trainable arrays, e.g. LoRA bases), ``opt_state`` and ``rng`` (a raw uint32
+    PRNG key, so checkpoints hold plain arrays)."""
+
+    step: jax.Array
+    params: PyTree
+    frozen: PyTree
+    opt_state: PyTree
+    rng: jax.Array
+
+
+def create_state(params: PyTree, optimizer: optax.GradientTransformation, *, seed: int,
+                 frozen: PyTree = None) -> TrainState:
+    """A fresh TrainState at step 0."""
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      frozen={} if frozen is None else frozen,
+                      opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def tree_bytes(tree: PyTree) -> int:
+    """Exact bytes of every array leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype")))
+
+
+def tree_size(tree: PyTree) -> int:
+    """Number of scalars in the array leaves of ``tree``."""
+    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "shape")))
+
+
+def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
+              micro_batches: int = 1) -> Callable[[TrainState, PyTree], tuple[TrainState, dict]]:
+    """The train step ``(state, batch) -> (state, metrics)``.
+
+    ``batch`` leaves have a leading ``micro_batches`` axis; gradients are averaged over it with a
+    ``lax.scan`` (memory of one micro-batch). ``loss_fn(params, frozen, micro_batch, rng)`` returns
+    ``(loss, aux)``; the step's metrics are the mean loss, the gradient global norm and the means of
+    ``aux``.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
+        def accumulate(carry, xs):
+            grads_sum, loss_sum = carry
+            index, micro = xs
+            (loss, aux), grads = grad_fn(state.params, state.frozen, micro,
+                                         jax.random.fold_in(step_rng, index))
+            grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
+            return (grads_sum, loss_sum + loss), aux
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+        (grads, loss), aux = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
+                                          (jnp.arange(micro_batches), batch))
+        grads = jax.tree_util.tree_map(lambda g: g / micro_batches, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss / micro_batches, "grad_norm": optax.global_norm(grads)}
+        metrics.update({k: jnp.mean(v) for k, v in aux.items()})
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  rng=jax.random.key_data(rng))
+        return new_state, metrics
+
+    return step
+
+
+class MetricWriter:
+    """Appends one JSON object per call to ``workdir/metrics.jsonl`` and mirrors scalars to
+    TensorBoard (``workdir/tb``) when ``tensorboardX`` is importable."""
+
+    def __init__(self, workdir: str, *, tensorboard: bool = True):
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if tensorboard and jax.process_index() == 0:
+            try:
+                from tensorboardX import SummaryWriter
+
+                self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+            except ImportError:
+                self._tb = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drops lines logged after ``step`` (they are recomputed when a run resumes)."""
+        if not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            kept = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(self.path, "w") as f:
+            f.writelines(kept)
+
+    def write(self, step: int, metrics: dict) -> None:
+        if jax.process_index() != 0:
+            return
+        record = {"step": int(step), **{k: _py(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """The records of ``workdir/metrics.jsonl``."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _py(v: Any) -> Any:
+    if isinstance(v, (jax.Array, np.ndarray, np.generic)):
+        v = np.asarray(v)
+        return v.item() if v.size == 1 else v.tolist()
+    return v
+
+
+def memory_report(compiled: Any) -> dict:
+    """XLA's memory analysis of a compiled computation (bytes): arguments, outputs, temporaries,
+    aliased (donated) bytes, and the peak estimate
+    ``arguments + outputs + temporaries - aliased``."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        m = None
+    if m is None:
+        return {}
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0)
+           for k in ("argument", "output", "temp", "alias", "generated_code")}
+    out["peak_estimate"] = out["argument"] + out["output"] + out["temp"] - out["alias"]
+    return out
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on device 0 when the backend reports it (GPU/TPU), else None."""
+    try:
+        stats = jax.local_devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001
+        return None
+    return int(stats["peak_bytes_in_use"]) if stats and "peak_bytes_in_use" in stats else None
+
+
+def host_peak_rss_bytes() -> int:
+    """Peak resident memory of this process (bytes)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised when the loss becomes NaN or infinite; carries the step."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"non-finite loss {loss} at step {step}; stopped without checkpointing "
+                         "this state (the last good checkpoint is kept)")
+        self.step = step
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """Yields a dict whose 'signal' entry is set when SIGTERM or SIGINT arrives."""
+    flag: dict[str, Any] = {"signal": None}
+    handlers = {}
+
+    def handler(signum, frame):  # noqa: ARG001
+        flag["signal"] = signal.Signals(signum).name
+
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            handlers[sig] = signal.signal(sig, handler)
+    except ValueError:  # not the main thread: no signal handling
+        handlers = {}
+    try:
+        yield flag
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+
+
+def _checkpoint_manager(directory: str, keep: int):
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def latest_checkpoint_step(workdir: str) -> int | None:
+    """The step of the latest checkpoint in ``workdir/checkpoints`` (None if there is none)."""
+    directory = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(directory):
+        return None
+    manager = _checkpoint_manager(directory, keep=1)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def train(
+    *,
+    workdir: str,
+    state: TrainState,
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    batch_fn: Callable[[int], np.ndarray | PyTree],
+    total_steps: int,
+    mesh: Mesh,
+    micro_batches: int = 1,
+    eval_fn: Callable[[PyTree, PyTree, PyTree], dict] | None = None,
+    eval_batches: Sequence[PyTree] = (),
+    eval_every: int = 0,
+    log_every: int = 10,
+    checkpoint_every: int = 0,
+    keep_checkpoints: int = 3,
+    learning_rate: Callable[[int], float] | None = None,
+    tokens_per_step: int = 0,
+    hooks: Sequence[Hook] = (),
+    progress: bool | None = None,
+    tensorboard: bool = True,
+) -> dict:
+    """Trains ``state`` to ``total_steps`` and returns a results dict.
+
+    Args:
+      workdir: output directory (``metrics.jsonl``, ``checkpoints/``, ``tb/``).
+      state: initial TrainState (replaced by the latest checkpoint in the workdir, if any).
+      loss_fn: ``(params, frozen, micro_batch, rng) -> (loss, aux dict)``.
+      optimizer: the optax transformation that built ``state.opt_state``.
+      batch_fn: ``batch_fn(step)`` -> host batch with leading axis ``micro_batches * B`` (a pure
+        function of the step for exact resume).
+      total_steps: steps to train to (counted from 0, across resumes).
+      mesh: device mesh (:func:`lrx.train.sharding.make_mesh`).
+      micro_batches: gradient-accumulation steps per optimizer step.
+      eval_fn: ``(params, frozen, batch) -> {'loss': ...}`` evaluated on each of ``eval_batches``
+        every ``eval_every`` steps and at the end (means are logged with an ``eval_`` prefix).
+      log_every, checkpoint_every, keep_checkpoints: cadence (0 disables periodic checkpoints;
+        a final checkpoint is always written).
+      learning_rate: schedule evaluated on the host for logging.
+      tokens_per_step: for the tokens/s metric.
+      hooks: ``hook(step, state, batch) -> (state, metrics or None)`` called after every step
+        (``step`` = steps done); may replace the state (e.g. ReLoRA merges) and log metrics.
+      progress: tqdm bar (default: when stderr is a TTY).
+    Returns:
+      dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
+      ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
+      'SIGTERM', 'SIGINT'), ``resumed_from`` and wall time.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    abstract = jax.eval_shape(lambda s: s, state)
+    state_shardings = shd.tree_shardings(abstract, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    state_shardings = state_shardings.replace(step=replicated, rng=replicated)
+
+    manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
+    writer = MetricWriter(workdir, tensorboard=tensorboard)
+    resumed_from = manager.latest_step()
+    if resumed_from is not None:
+        import orbax.checkpoint as ocp
+
+        target = jax.tree_util.tree_map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+            state_shardings)
+        state = manager.restore(resumed_from, args=ocp.args.StandardRestore(target))
+        writer.truncate_after(resumed_from)
+        log.info("resumed from checkpoint at step %d", resumed_from)
+    else:
+        state = jax.device_put(state, state_shardings)
+    start = int(state.step)
+
+    def shard_batch(host_batch):
+        def put(x):
+            x = np.asarray(x)
+            x = x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+            return shd.put_batch(x, shd.batch_sharding(mesh, x.ndim, batch_axis=1))
+        return jax.tree_util.tree_map(put, host_batch)
+
+    step_fn = jax.jit(make_step(loss_fn, optimizer, micro_batches=micro_batches),
+                      in_shardings=(state_shardings, None),
+                      out_shardings=(state_shardings, replicated), donate_argnums=0)
+    first_batch = shard_batch(batch_fn(start))
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, first_batch).compile()
+    compile_seconds = time.perf_counter() - t0
+    memory = {"param_bytes": tree_bytes(state.params), "param_count": tree_size(state.params),
+              "frozen_bytes": tree_bytes(state.frozen), "frozen_count": tree_size(state.frozen),
+              "opt_state_bytes": tree_bytes(state.opt_state),
+              "train_step": memory_report(compiled), "compile_seconds": compile_seconds}
+    log.info("param bytes %d, optimizer-state bytes %d, compiled step memory %s",
+             memory["param_bytes"], memory["opt_state_bytes"], memory["train_step"])
+
+    eval_jit = None
+    eval_device_batches = []
+    if eval_fn is not None and eval_batches:
+        eval_jit = jax.jit(eval_fn)
+        eval_device_batches = [
+            jax.tree_util.tree_map(lambda x: shd.put_batch(
+                np.asarray(x), shd.batch_sharding(mesh, np.ndim(x))), b) for b in eval_batches]
+
+    def evaluate(s: TrainState) -> dict:
+        results = [eval_jit(s.params, s.frozen, b) for b in eval_device_batches]
+        return {f"eval_{k}": float(np.mean([float(r[k]) for r in results])) for k in results[0]}
+
+    def save(s: TrainState) -> None:
+        import orbax.checkpoint as ocp
+
+        manager.save(int(s.step), args=ocp.args.StandardSave(s), force=True)
+
+    history, eval_history = [], []
+    window: list[dict] = []
+    use_bar = sys.stderr.isatty() if progress is None else progress
+    bar = None
+    if use_bar and jax.process_index() == 0:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train")
+    stopped_by = "end"
+    last_eval: dict = {}
+    tokens_seen = 0
+    train_seconds = 0.0
+    batch = first_batch
+    step = start
+    try:
+        with _stop_signals() as stop:
+            while step < total_steps:
+                t_step = time.perf_counter()
+                state, metrics = compiled(state, batch)
+                step += 1
+                if step < total_steps:  # host-side batch prep overlaps the device's step
+                    batch = shard_batch(batch_fn(step))
+                metrics = jax.device_get(metrics)
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise NonFiniteLoss(step - 1, loss)
+                for hook in hooks:
+                    state, extra = hook(step, state, batch)
+                    if extra:
+                        metrics = {**metrics, **extra}
+                dt = time.perf_counter() - t_step
+                train_seconds += dt
+                tokens_seen += tokens_per_step
+                window.append({k: float(v) for k, v in metrics.items()
+                               if np.ndim(v) == 0} | {"step_time": dt})
+                if step % log_every == 0 or step == total_steps:
+                    record = {k: float(np.mean([w[k] for w in window if k in w]))
+                              for k in window[-1]}
+                    record["tokens_per_s"] = tokens_per_step / max(record["step_time"], 1e-12)
+                    if learning_rate is not None:
+                        record["lr"] = float(learning_rate(step - 1))
+                    writer.write(step, record)
+                    history.append({"step": step, **record})
+                    window = []
+                    if bar is None and jax.process_index() == 0:
+                        log.info("step %d/%d loss %.4f grad_norm %.3g tokens/s %.0f", step,
+                                 total_steps, record["loss"], record["grad_norm"],
+                                 record["tokens_per_s"])
+                if eval_jit is not None and eval_every and (step % eval_every == 0
+                                                            or step == total_steps):
+                    last_eval = evaluate(state)
+                    writer.write(step, last_eval)
+                    eval_history.append({"step": step, **last_eval})
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.3f}",
+                                    tok_s=f"{tokens_per_step / max(dt, 1e-12):.0f}")
+                if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
+                    save(state)
+                if stop["signal"] is not None:
+                    stopped_by = stop["signal"]
+                    log.warning("%s received: saving a checkpoint at step %d and stopping",
+                                stopped_by, step)
+                    break
+            if eval_jit is not None and (not eval_history or eval_history[-1]["step"] != step):
+                last_eval = evaluate(state)
+                writer.write(step, last_eval)
+                eval_history.append({"step": step, **last_eval})
+            if manager.latest_step() != step:
+                save(state)
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        writer.close()
+        if bar is not None:
+            bar.close()
+
+    steps_run = step - start
+    return {
+        "state": state,
+        "history": history,
+        "eval_history": eval_history,
+        "final_eval": last_eval,
+        "memory": memory | {"device_peak_bytes": device_peak_bytes(),
+                            "host_peak_rss_bytes": host_peak_rss_bytes()},
+        "steps_run": steps_run,
+        "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
+        "train_seconds": train_seconds,
+        "stopped_by": stopped_by,
+        "resumed_from": resumed_from,
+    }
