@@ -48,7 +48,18 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if a.startswith("--config.")]
 
 
+class _QuietLibraries(logging.logging.Filter):
+    """Drops the INFO chatter of orbax (one line per file written) from the absl log."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
 def main(argv: list[str]) -> int:
+    handler = logging.get_absl_handler()
+    for h in (handler, getattr(handler, "python_handler", None)):
+        if h is not None:
+            h.addFilter(_QuietLibraries())
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
     import experiments

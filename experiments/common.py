@@ -43,6 +43,8 @@ def check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str
     """Raises ConfigError if ``config`` has a key that ``schema`` lacks (recursively), naming the
     closest valid key, or if a value's type differs from the schema's (ints pass as floats; a
     schema value of ``None`` accepts anything)."""
+    config = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else config
+    schema = schema.to_dict() if isinstance(schema, ml_collections.ConfigDict) else schema
     for key, value in config.items():
         path = f"{prefix}{key}"
         if key not in schema:

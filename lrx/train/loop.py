@@ -268,6 +268,7 @@ def train(
     hooks: Sequence[Hook] = (),
     progress: bool | None = None,
     tensorboard: bool = True,
+    stop_at: int = 0,
 ) -> dict:
     """Trains ``state`` to ``total_steps`` and returns a results dict.
 
@@ -290,6 +291,8 @@ def train(
       hooks: ``hook(step, state, batch) -> (state, metrics or None)`` called after every step
         (``step`` = steps done); may replace the state (e.g. ReLoRA merges) and log metrics.
       progress: tqdm bar (default: when stderr is a TTY).
+      stop_at: if > 0, checkpoint and return after this step although ``total_steps`` is larger
+        (a planned preemption: the schedule still spans ``total_steps``).
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
@@ -416,6 +419,8 @@ def train(
                                     tok_s=f"{tokens_per_step / max(dt, 1e-12):.0f}")
                 if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
                     save(state)
+                if stop_at and step >= stop_at and step < total_steps:
+                    stop["signal"] = f"stop_at={stop_at}"
                 if stop["signal"] is not None:
                     stopped_by = stop["signal"]
                     log.warning("%s received: saving a checkpoint at step %d and stopping",

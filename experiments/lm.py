@@ -1,0 +1,511 @@
+"""Language-model pretraining: a LLaMA-style decoder on a byte-level corpus with any lrx optimizer
+(AdamW, GaLore, FRUGAL, Fira) and any lrx parameterization, through the shared training loop.
+
+The config schema is :func:`defaults`; config files start from it (``configs/adamw.py``,
+``configs/galore.py``, ...). Outputs in the workdir: ``checkpoints/``, ``metrics.jsonl``,
+``summary.json``, ``summary.md`` and ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+import time
+from typing import Any
+
+import ml_collections
+
+from experiments import common
+from experiments.common import ConfigError
+
+PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
+OPTIMIZERS = ("adamw", "galore", "frugal", "fira")
+SOURCES = ("shakespeare", "text_files", "hf")
+DTYPES = ("float32", "bfloat16")
+# GaLore's recipe projects the attention and MLP matrices only; embeddings, LM head and norms get
+# the same Adam unprojected.
+PROJECT_ATTN_MLP = r".*/(attn|mlp)/[^/]+/kernel"
+log = logging.getLogger("lrx.lm")
+
+
+def optimizer_defaults(name: str) -> ml_collections.ConfigDict:
+    """The optimizer section for ``name`` (its valid keys and defaults)."""
+    c = ml_collections.ConfigDict()
+    c.name = name
+    c.learning_rate = 3e-3
+    c.warmup_steps = 50            # linear warmup from 0, then cosine decay ...
+    c.min_lr_ratio = 0.1           # ... to 10% of the peak (the GaLore recipe)
+    c.b1 = 0.9
+    c.b2 = 0.999
+    c.eps = 1e-6                   # GaLore/transformers AdamW default
+    c.weight_decay = 0.0
+    c.grad_clip = 1.0              # global-norm clipping; 0 disables
+    if name == "adamw":
+        return c
+    c.project = PROJECT_ATTN_MLP   # regex over parameter paths of the projected matrices
+    c.update_proj_gap = 200
+    if name in ("galore", "fira"):
+        c.rank = 128
+        c.scale = 0.25
+        c.proj_type = "std"
+        c.projector = "svd"
+    if name == "galore":
+        c.moments = "keep"
+    if name == "fira":
+        c.gamma = 1.01
+        c.residual = "official"
+    if name == "frugal":
+        c.density = 0.25
+        c.subspace = "svd"
+        c.state_free = "signsgd"
+        c.state_free_lr_scale = 1.0
+        c.reset_on_refresh = True
+    return c
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The full config schema of the ``lm`` experiment with CPU-friendly defaults."""
+    c = ml_collections.ConfigDict()
+    c.experiment = "lm"
+    c.seed = 0
+    c.model = ml_collections.ConfigDict(dict(
+        preset="tiny", dtype="float32", param_dtype="float32", scan_layers=False, remat=False))
+    c.data = ml_collections.ConfigDict(dict(
+        source="shakespeare", val_plays=("macbeth", "twelfth-night", "richard-ii"),
+        paths="", val_paths="", hf_name="", hf_config="", hf_text_field="text",
+        hf_train_bytes=100_000_000, hf_val_bytes=10_000_000, seq_len=128, seed=0))
+    c.optimizer = optimizer_defaults("adamw")
+    c.train = ml_collections.ConfigDict(dict(
+        steps=600, batch_size=16, micro_batches=1, log_every=20, eval_every=100,
+        eval_windows=64, checkpoint_every=200, keep_checkpoints=3,
+        stop_at=0))  # stop_at > 0: checkpoint and exit after that step (resume later)
+    c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
+    c.multihost = False
+    return c
+
+
+def _schema() -> ml_collections.ConfigDict:
+    schema = defaults()
+    union: dict[str, Any] = {}
+    for name in OPTIMIZERS:
+        union.update(optimizer_defaults(name).to_dict())
+    schema.optimizer = ml_collections.ConfigDict(union)
+    return schema
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
+              variants: dict[str, Any]) -> ml_collections.ConfigDict:
+    """Applies a config-file argument: comma-separated variant names (keys of ``variants``, each a
+    function ``config -> None``) and ``key=value`` settings (dotted path, or a bare key that names
+    exactly one leaf, e.g. ``rank=64``)."""
+    for token in (t.strip() for t in (arg or "").split(",") if t.strip()):
+        if "=" in token:
+            key, value = token.split("=", 1)
+            _set_leaf(config, key.strip(), value.strip())
+        elif token in variants:
+            variants[token](config)
+        else:
+            raise ConfigError(f"unknown config argument {token!r}.{common.suggest(token, variants)}"
+                              f" Valid: {', '.join(variants)} or KEY=VALUE.")
+    return config
+
+
+def _set_leaf(config: ml_collections.ConfigDict, key: str, value: str) -> None:
+    flat = _flatten(config)
+    matches = [k for k in flat if k == key or k.endswith("." + key)]
+    if len(matches) != 1:
+        raise ConfigError(f"config argument {key}={value}: "
+                          + ("ambiguous, matches " + ", ".join(matches) if matches else
+                             "no such key." + common.suggest(key, flat) +
+                             " Keys: " + ", ".join(sorted(flat))))
+    path = matches[0].split(".")
+    node = config
+    for part in path[:-1]:
+        node = node[part]
+    old = node[path[-1]]
+    try:
+        if isinstance(old, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            new: Any = value.lower() in ("true", "1")
+        elif isinstance(old, int):
+            new = int(value)
+        elif isinstance(old, float):
+            new = float(value)
+        elif isinstance(old, tuple):
+            new = tuple(v for v in value.split("+") if v)
+        else:
+            new = value
+    except ValueError:
+        raise ConfigError(f"config argument {key}={value}: expected a {type(old).__name__}"
+                          ) from None
+    node[path[-1]] = new
+
+
+def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _merged(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``defaults()`` (with the chosen optimizer's section) updated by ``config``."""
+    full = defaults()
+    full.optimizer = optimizer_defaults(config.optimizer.get("name", "adamw"))
+    full.unlock()
+    for key, value in _flatten(config).items():
+        path = key.split(".")
+        node = full
+        for part in path[:-1]:
+            node = node[part]
+        node[path[-1]] = value
+    return full
+
+
+_initialized_distributed = False
+
+
+def _maybe_init_distributed(config) -> None:
+    global _initialized_distributed
+    if config.get("multihost", False) and not _initialized_distributed:
+        import jax
+
+        jax.distributed.initialize()
+        _initialized_distributed = True
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Fails fast, before any compilation, on unknown keys, wrong types and impossible values."""
+    common.check_keys(config, _schema())
+    name = config.optimizer.get("name", "adamw")
+    common.check_choice(name, OPTIMIZERS, "optimizer.name")
+    common.check_keys(config.optimizer, optimizer_defaults(name), prefix="optimizer.")
+    c = _merged(config)
+    common.check_choice(c.model.preset, PRESET_NAMES, "model.preset")
+    common.check_choice(c.model.dtype, DTYPES, "model.dtype")
+    common.check_choice(c.model.param_dtype, DTYPES, "model.param_dtype")
+    common.check_choice(c.data.source, SOURCES, "data.source")
+    if c.data.source == "shakespeare":
+        from lrx.data.text import shakespeare_plays
+
+        plays = shakespeare_plays()
+        for play in c.data.val_plays:
+            common.check_choice(play, list(plays), "data.val_plays[...]")
+    if c.data.source == "text_files" and not (c.data.paths and c.data.val_paths):
+        raise ConfigError("data.source='text_files' needs data.paths and data.val_paths (globs)")
+    if c.data.source == "hf" and not c.data.hf_name:
+        raise ConfigError("data.source='hf' needs data.hf_name (e.g. 'allenai/c4')")
+    for key in ("data.seq_len", "train.steps", "train.batch_size", "train.micro_batches",
+                "train.log_every", "train.eval_windows", "train.keep_checkpoints",
+                "optimizer.learning_rate"):
+        section, leaf = key.split(".")
+        common.check_positive(c[section][leaf], key)
+    for key in ("train.eval_every", "train.checkpoint_every", "optimizer.warmup_steps",
+                "optimizer.weight_decay", "optimizer.grad_clip", "optimizer.eps",
+                "train.stop_at"):
+        section, leaf = key.split(".")
+        common.check_positive(c[section][leaf], key, allow_zero=True)
+    from lrx.models.llama import PRESETS
+
+    if c.data.seq_len > PRESETS[c.model.preset].max_len:
+        raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds model preset "
+                          f"{c.model.preset!r}'s max_len={PRESETS[c.model.preset].max_len}")
+    if c.optimizer.name != "adamw":
+        try:
+            re.compile(c.optimizer.project)
+        except re.error as e:
+            raise ConfigError(f"optimizer.project={c.optimizer.project!r} is not a regex: {e}"
+                              ) from None
+        _build_optimizer_transform(c.optimizer, lambda step: 0.0, mask=None)  # checks kwargs
+    _maybe_init_distributed(c)
+    import jax
+
+    from lrx.train import sharding
+
+    try:
+        mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    except ValueError as e:
+        raise ConfigError(f"config.mesh: {e}") from None
+    dp = sharding.data_parallel_size(mesh)
+    if c.train.batch_size % c.train.micro_batches:
+        raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by "
+                          f"train.micro_batches={c.train.micro_batches}")
+    micro = c.train.batch_size // c.train.micro_batches
+    if micro % dp:
+        raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / "
+                          f"train.micro_batches) is not divisible by the data-parallel size {dp} "
+                          f"(mesh data x fsdp over {jax.device_count()} devices)")
+    if c.train.eval_windows % dp:
+        raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
+                          f"data-parallel size {dp}")
+
+
+def _build_optimizer_transform(o, schedule, mask):
+    """The optax transformation for optimizer section ``o`` (AdamW or an lrx.optim method)."""
+    import optax
+
+    if o.name == "adamw":
+        opt = optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+    else:
+        import lrx.optim
+
+        common_kwargs = dict(b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                             update_proj_gap=o.update_proj_gap, mask=mask)
+        try:
+            if o.name == "galore":
+                opt = lrx.optim.galore(schedule, rank=o.rank, scale=o.scale,
+                                       proj_type=o.proj_type, projector=o.projector,
+                                       moments=o.moments, **common_kwargs)
+            elif o.name == "fira":
+                opt = lrx.optim.fira(schedule, rank=o.rank, scale=o.scale,
+                                     proj_type=o.proj_type, projector=o.projector,
+                                     gamma=o.gamma, residual=o.residual, **common_kwargs)
+            else:
+                opt = lrx.optim.frugal(schedule, density=o.density, subspace=o.subspace,
+                                       state_free=o.state_free,
+                                       state_free_lr_scale=o.state_free_lr_scale,
+                                       reset_on_refresh=o.reset_on_refresh, **common_kwargs)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.optimizer ({o.name}): {e}") from None
+    if o.grad_clip:
+        opt = optax.chain(optax.clip_by_global_norm(o.grad_clip), opt)
+    return opt
+
+
+def path_mask(params: Any, pattern: str) -> Any:
+    """Boolean pytree: True for leaves of ndim >= 2 whose '/'-joined path matches ``pattern``."""
+    import jax
+
+    regex = re.compile(pattern)
+
+    def leaf(path, x):
+        name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        return bool(regex.fullmatch(name)) and getattr(x, "ndim", 0) >= 2
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def build_model(c: ml_collections.ConfigDict, vocab_size: int):
+    """The Llama module for the config (vocabulary from the data)."""
+    from lrx.models.llama import Llama, preset
+
+    cfg = preset(c.model.preset, vocab_size=vocab_size, dtype=c.model.dtype,
+                 param_dtype=c.model.param_dtype, scan_layers=c.model.scan_layers,
+                 remat=c.model.remat, max_len=max(c.data.seq_len,
+                                                  preset(c.model.preset).max_len))
+    return Llama(cfg), cfg
+
+
+def load_corpus(d: ml_collections.ConfigDict):
+    """The corpus named by the data section."""
+    from lrx.data import text
+
+    if d.source == "shakespeare":
+        return text.load_shakespeare(tuple(d.val_plays))
+    if d.source == "text_files":
+        return text.load_text_files(d.paths, d.val_paths)
+    return text.load_hf(d.hf_name, config_name=d.hf_config or None, text_field=d.hf_text_field,
+                        train_bytes=d.hf_train_bytes, val_bytes=d.hf_val_bytes)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, evaluates and writes the workdir; returns the summary dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from lrx.data import text
+    from lrx.train import loop, sharding
+
+    wall0 = time.perf_counter()
+    c = _merged(config)
+    _maybe_init_distributed(c)
+    try:
+        corpus = load_corpus(c.data)
+    except ValueError as e:
+        raise ConfigError(f"config.data: {e}") from None
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
+    model, model_cfg = build_model(c, text.VOCAB_SIZE)
+    seq_len, batch_size = c.data.seq_len, c.train.batch_size
+    init_key = jax.random.key(c.seed)
+    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"])(
+        init_key)
+    frozen: Any = {}
+
+    o = c.optimizer
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps,
+                                                                     c.train.steps - 1),
+        decay_steps=c.train.steps, end_value=o.learning_rate * o.min_lr_ratio)
+    mask = path_mask(params, o.project) if o.name != "adamw" else None
+    if mask is not None and not any(jax.tree_util.tree_leaves(mask)):
+        raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter paths "
+                          "look like 'layers_0/attn/q/kernel'")
+    optimizer = _build_optimizer_transform(o, schedule, mask)
+    state = loop.create_state(params, optimizer, seed=c.seed, frozen=frozen)
+
+    def loss_fn(p, fz, batch, rng):  # noqa: ARG001 - deterministic model
+        logits = model.apply({"params": p}, batch[:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return loss, {}
+
+    def eval_fn(p, fz, batch):
+        return {"loss": loss_fn(p, fz, batch, None)[0]}
+
+    eval_set = text.eval_windows(corpus.val, seq_len, c.train.eval_windows)
+    eval_set = eval_set[: (len(eval_set) // sharding.data_parallel_size(mesh))
+                        * sharding.data_parallel_size(mesh)]
+    eval_batches = [eval_set[i:i + batch_size] for i in range(0, len(eval_set), batch_size)]
+    eval_batches = [b for b in eval_batches if len(b) % sharding.data_parallel_size(mesh) == 0]
+    data_seed = c.data.seed
+
+    def batch_fn(step: int) -> np.ndarray:
+        return text.sample_batch(corpus.train, data_seed, step, batch_size, seq_len)
+
+    info = corpus.info()
+    log.info("corpus %s: %d train bytes, %d val bytes, fingerprint %s", info["corpus"],
+             info["train_bytes"], info["val_bytes"], info["fingerprint"])
+    try:
+        result = loop.train(
+            workdir=workdir, state=state, loss_fn=loss_fn, optimizer=optimizer,
+            batch_fn=batch_fn, total_steps=c.train.steps, mesh=mesh,
+            micro_batches=c.train.micro_batches, eval_fn=eval_fn, eval_batches=eval_batches,
+            eval_every=c.train.eval_every, log_every=c.train.log_every,
+            checkpoint_every=c.train.checkpoint_every,
+            keep_checkpoints=c.train.keep_checkpoints, learning_rate=schedule,
+            tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at)
+    except loop.NonFiniteLoss as e:
+        summary = {"status": "diverged", "error": str(e), "step": e.step}
+        common.write_summary(workdir, summary)
+        raise ConfigError(f"training diverged: {e}. Lower optimizer.learning_rate or set "
+                          "optimizer.grad_clip.") from None
+
+    history, eval_history = result["history"], result["eval_history"]
+    final_eval = result["final_eval"]
+    eval_loss = final_eval.get("eval_loss", math.nan)
+    memory = result["memory"]
+    summary = {
+        "status": "done" if result["stopped_by"] == "end" else f"stopped by {result['stopped_by']}",
+        "experiment": "lm",
+        "optimizer": o.name,
+        "model": c.model.preset,
+        "steps": int(result["state"].step),
+        "resumed_from": result["resumed_from"],
+        "final_train_loss": history[-1]["loss"] if history else math.nan,
+        "eval_loss": eval_loss,
+        "eval_bits_per_byte": eval_loss / math.log(2),
+        "unigram_entropy_bits": info["unigram_entropy_bits"],
+        "trainable_params": memory["param_count"],
+        "frozen_params": memory["frozen_count"],
+        "param_bytes": memory["param_bytes"],
+        "opt_state_bytes": memory["opt_state_bytes"],
+        "train_step_memory": memory["train_step"],
+        "compiled_peak_bytes": memory["train_step"].get("peak_estimate"),
+        "device_peak_bytes": memory["device_peak_bytes"],
+        "host_peak_rss_bytes": memory["host_peak_rss_bytes"],
+        "tokens_per_s": result["tokens_per_s"],
+        "train_seconds": result["train_seconds"],
+        "compile_seconds": memory["compile_seconds"],
+        "wall_seconds": time.perf_counter() - wall0,
+        "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
+        "mesh": dict(mesh.shape),
+        "model_config": dataclasses.asdict(model_cfg),
+        "data": info,
+    }
+    if jax.process_index() == 0:
+        common.write_summary(workdir, summary)
+        _write_table(workdir, summary)
+        _plot(workdir, loop.read_metrics(workdir), summary)
+    return {k: summary[k] for k in ("status", "optimizer", "steps", "final_train_loss",
+                                    "eval_loss", "eval_bits_per_byte", "unigram_entropy_bits",
+                                    "opt_state_bytes", "tokens_per_s", "wall_seconds")}
+
+
+def _write_table(workdir: str, s: dict) -> None:
+    row = {"optimizer": s["optimizer"], "model": s["model"], "steps": s["steps"],
+           "train loss": s["final_train_loss"], "eval loss": s["eval_loss"],
+           "eval bits/byte": s["eval_bits_per_byte"],
+           "unigram bits/byte": s["unigram_entropy_bits"],
+           "params (M)": s["trainable_params"] / 1e6,
+           "opt state (MB)": s["opt_state_bytes"] / 2**20,
+           "compiled peak (MB)": (s["compiled_peak_bytes"] or 0) / 2**20,
+           "tokens/s": s["tokens_per_s"], "wall (s)": s["wall_seconds"]}
+    common.write_table(workdir, "summary", [row], title=f"lm: {s['optimizer']} on "
+                       f"{s['data']['corpus']}")
+
+
+def _plot(workdir: str, records: list[dict], s: dict) -> None:
+    plt = common.pyplot()
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if train:
+        ax.plot(*zip(*train), label="train")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval (held-out plays)")
+    ax.axhline(s["unigram_entropy_bits"] * math.log(2), color="gray", ls="--",
+               label="unigram entropy")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/byte)")
+    ax.set_title(f"{s['optimizer']} · {s['model']}")
+    ax.legend()
+    common.savefig(fig, workdir, "loss")
+
+
+def _smoke(c: ml_collections.ConfigDict) -> None:
+    c.train.steps, c.train.batch_size, c.train.log_every = 2, 4, 1
+    c.train.eval_every, c.train.eval_windows, c.train.checkpoint_every = 2, 4, 0
+    c.data.seq_len = 32
+    c.optimizer.warmup_steps = 1
+    if "update_proj_gap" in c.optimizer:
+        c.optimizer.update_proj_gap = 1
+    if "rank" in c.optimizer:
+        c.optimizer.rank = 8
+
+
+# The GaLore paper's pretraining setups (Table 2; App. C): sequence length 256, batch 512
+# sequences, 10% warmup, cosine to 10%; GaLore lr 0.01 (AdamW 1e-3), rank 128/256/256/512,
+# update_proj_gap 200, scale 0.25. Steps: 10K / 20K / 60K / 100K.
+_PAPER = {"llama_60m": (10_000, 128), "llama_130m": (20_000, 256),
+          "llama_350m": (60_000, 256), "llama_1b": (100_000, 512)}
+
+
+def _paper(preset_name: str):
+    steps, rank = _PAPER[preset_name]
+
+    def apply(c: ml_collections.ConfigDict) -> None:
+        c.model.preset = preset_name
+        c.data.seq_len = 256
+        c.train.batch_size, c.train.steps = 512, steps
+        c.train.eval_every = c.train.checkpoint_every = 1000
+        c.train.log_every = 50
+        c.optimizer.warmup_steps = steps // 10
+        c.optimizer.learning_rate = 1e-3 if c.optimizer.name == "adamw" else 1e-2
+        if "rank" in c.optimizer:
+            c.optimizer.rank = rank
+    return apply
+
+
+def _set(**kv):
+    def apply(c: ml_collections.ConfigDict) -> None:
+        for key, value in kv.items():
+            section, leaf = key.split("__")
+            c[section][leaf] = value
+    return apply
+
+
+VARIANTS: dict[str, Any] = {
+    "smoke": _smoke,
+    **{name: _paper(name) for name in _PAPER},
+    "scan": _set(model__scan_layers=True),
+    "remat": _set(model__remat=True),
+    "bf16": _set(model__dtype="bfloat16"),
+}

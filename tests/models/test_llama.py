@@ -1,0 +1,109 @@
+"""LLaMA decoder: causality, RoPE relative-position property, RMSNorm and SwiGLU against NumPy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lrx.models import llama
+
+SMALL = llama.LlamaConfig(hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2,
+                          vocab_size=64, max_len=32)
+
+
+def _params(cfg, T=12, seed=0):
+    return llama.Llama(cfg).init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"]
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_causal_changing_future_token_leaves_past_logits(scan):
+    cfg = llama.LlamaConfig(**{**SMALL.__dict__, "scan_layers": scan})
+    params = _params(cfg)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 64, size=(2, 12)).astype(np.int32)
+    t = 6
+    changed = tokens.copy()
+    changed[:, t + 1] = (changed[:, t + 1] + 7) % 64
+    a = llama.Llama(cfg).apply({"params": params}, tokens)
+    b = llama.Llama(cfg).apply({"params": params}, changed)
+    np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
+    assert np.abs(np.asarray(a[:, t + 1:]) - np.asarray(b[:, t + 1:])).max() > 1e-4
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    head_dim, T = 16, 20
+    rng = np.random.default_rng(1)
+    q = rng.normal(size=(head_dim,)).astype(np.float32)
+    k = rng.normal(size=(head_dim,)).astype(np.float32)
+    cos, sin = llama.rope_angles(jnp.arange(T), head_dim, 10000.0)
+    # the same q at every position, the same k at every position
+    qs = llama.apply_rope(jnp.broadcast_to(q, (1, T, 1, head_dim)), cos, sin)[0, :, 0]
+    ks = llama.apply_rope(jnp.broadcast_to(k, (1, T, 1, head_dim)), cos, sin)[0, :, 0]
+    scores = np.asarray(qs @ ks.T, np.float64)
+    for offset in (0, 1, 3, 7):
+        diag = np.diagonal(scores, offset=offset)
+        np.testing.assert_allclose(diag, diag[0], rtol=1e-4, atol=1e-4)
+    # and the rotation preserves norms (it is orthogonal)
+    np.testing.assert_allclose(np.linalg.norm(qs, axis=-1), np.linalg.norm(q), rtol=1e-5)
+
+
+def test_rope_matches_numpy_rotation_of_pairs():
+    head_dim, T = 8, 5
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(1, T, 2, head_dim))
+    cos, sin = llama.rope_angles(jnp.arange(T), head_dim, 10000.0)
+    got = np.asarray(llama.apply_rope(jnp.asarray(x, jnp.float32), cos, sin))
+    half = head_dim // 2
+    ref = np.empty_like(x)
+    for p in range(T):
+        for i in range(half):
+            theta = p * 10000.0 ** (-2 * i / head_dim)
+            a, b = x[0, p, :, i], x[0, p, :, i + half]
+            ref[0, p, :, i] = a * np.cos(theta) - b * np.sin(theta)
+            ref[0, p, :, i + half] = b * np.cos(theta) + a * np.sin(theta)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_rms_norm_against_numpy():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(3, 7)) * 5
+    w = rng.normal(size=(7,))
+    ref = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * w
+    got = llama.rms_norm(jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32), 1e-6)
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_swiglu_mlp_against_numpy():
+    cfg = SMALL
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, 3, cfg.hidden_size))
+    mlp = llama.MLP(cfg)
+    params = mlp.init(jax.random.key(0), jnp.zeros((1, 1, cfg.hidden_size)))["params"]
+    g, u, d = (np.asarray(params[n]["kernel"], np.float64) for n in ("gate", "up", "down"))
+    silu = lambda z: z / (1 + np.exp(-z))
+    ref = (silu(x @ g) * (x @ u)) @ d
+    got = mlp.apply({"params": params}, jnp.asarray(x, jnp.float32))
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_presets_match_galore_configs_parameter_counts():
+    # GaLore's LLaMA configs: (hidden, intermediate, heads, layers), vocab 32000, untied head.
+    for name, (h, i, layers) in {"llama_60m": (512, 1376, 8), "llama_130m": (768, 2048, 12),
+                                 "llama_350m": (1024, 2736, 24),
+                                 "llama_1b": (2048, 5461, 24)}.items():
+        cfg = llama.PRESETS[name]
+        expected = 2 * 32000 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
+        shapes = jax.eval_shape(lambda c=cfg: llama.Llama(c).init(
+            jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
+        assert llama.count_params(shapes) == expected
+
+
+def test_bad_config_messages():
+    with pytest.raises(ValueError, match="unknown model preset 'llama_7b'.*tiny"):
+        llama.preset("llama_7b")
+    with pytest.raises(ValueError, match="not divisible by num_heads"):
+        llama.LlamaConfig(hidden_size=30, intermediate_size=8, num_heads=4, num_layers=1)
+    cfg = SMALL
+    params = _params(cfg)
+    with pytest.raises(ValueError, match="exceeds the model's max_len"):
+        llama.Llama(cfg).apply({"params": params}, jnp.zeros((1, 40), jnp.int32))
