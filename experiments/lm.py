@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import re
 import time
 from typing import Any
@@ -388,7 +387,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         raise ConfigError(f"training diverged: {e}. Lower optimizer.learning_rate or set "
                           "optimizer.grad_clip.") from None
 
-    history, eval_history = result["history"], result["eval_history"]
+    history = result["history"]
     final_eval = result["final_eval"]
     eval_loss = final_eval.get("eval_loss", math.nan)
     memory = result["memory"]

@@ -32,7 +32,7 @@ def test_train_and_validation_plays_are_disjoint(corpus):
     assert not set(corpus.train_docs) & set(VAL)
     assert len(corpus.train_docs) == 35
     # a distinctive line of Macbeth is in the validation text only
-    line = "To-morrow, and to-morrow, and to-morrow".encode()
+    line = b"To-morrow, and to-morrow, and to-morrow"
     assert line in corpus.val.tobytes()
     assert line not in corpus.train.tobytes()
 
