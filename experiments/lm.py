@@ -24,6 +24,7 @@ PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
 OPTIMIZERS = ("adamw", "galore", "frugal", "fira")
 SOURCES = ("shakespeare", "text_files", "hf")
 DTYPES = ("float32", "bfloat16")
+ANALYSIS_TARGETS = ("grads", "params")
 # GaLore's recipe projects the attention and MLP matrices only; embeddings, LM head and norms get
 # the same Adam unprojected.
 PROJECT_ATTN_MLP = r".*/(attn|mlp)/[^/]+/kernel"
@@ -83,6 +84,11 @@ def defaults() -> ml_collections.ConfigDict:
         stop_at=0))  # stop_at > 0: checkpoint and exit after that step (resume later)
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
     c.multihost = False
+    # Spectral diagnostics every `every` steps (0 = off, no cost): metrics of lrx.analysis for the
+    # gradients and/or weights of the matrices matching `paths`, logged to metrics.jsonl.
+    c.analysis = ml_collections.ConfigDict(dict(
+        every=0, metrics=("effective_rank", "stable_rank", "top_r_energy"),
+        targets=("grads", "params"), paths=PROJECT_ATTN_MLP, rank=8))
     return c
 
 
@@ -241,6 +247,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / "
                           f"train.micro_batches) is not divisible by the data-parallel size {dp} "
                           f"(mesh data x fsdp over {jax.device_count()} devices)")
+    if c.analysis.every:
+        from lrx.analysis import METRICS
+
+        for metric in c.analysis.metrics:
+            common.check_choice(metric, METRICS, "analysis.metrics[...]")
+        for target in c.analysis.targets:
+            common.check_choice(target, ANALYSIS_TARGETS, "analysis.targets[...]")
+        common.check_positive(c.analysis.rank, "analysis.rank")
     if c.train.eval_windows % dp:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
@@ -369,6 +383,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     def batch_fn(step: int) -> np.ndarray:
         return text.sample_batch(corpus.train, data_seed, step, batch_size, seq_len)
 
+    hooks = []
+    if c.analysis.every:
+        hooks.append(_analysis_hook(c.analysis, loss_fn))
+
     info = corpus.info()
     log.info("corpus %s: %d train bytes, %d val bytes, fingerprint %s", info["corpus"],
              info["train_bytes"], info["val_bytes"], info["fingerprint"])
@@ -380,7 +398,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             eval_every=c.train.eval_every, log_every=c.train.log_every,
             checkpoint_every=c.train.checkpoint_every,
             keep_checkpoints=c.train.keep_checkpoints, learning_rate=schedule,
-            tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at)
+            tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at, hooks=hooks)
     except loop.NonFiniteLoss as e:
         summary = {"status": "diverged", "error": str(e), "step": e.step}
         common.write_summary(workdir, summary)
@@ -426,6 +444,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {k: summary[k] for k in ("status", "optimizer", "steps", "final_train_loss",
                                     "eval_loss", "eval_bits_per_byte", "unigram_entropy_bits",
                                     "opt_state_bytes", "tokens_per_s", "wall_seconds")}
+
+
+def _analysis_hook(a: ml_collections.ConfigDict, loss_fn):
+    """A training-loop hook logging lrx.analysis spectra of gradients / weights every a.every
+    steps (gradients of the step's first micro-batch at the updated parameters)."""
+    import jax
+
+    from lrx.analysis import layer_metrics
+
+    grad_fn = jax.jit(jax.grad(lambda p, fz, b: loss_fn(p, fz, b, None)[0]))
+
+    def hook(step, state, batch):
+        if step % a.every:
+            return state, None
+        out = {}
+        if "grads" in a.targets:
+            grads = grad_fn(state.params, state.frozen, batch[0])
+            out.update({f"grad/{k}": v for k, v in layer_metrics(
+                grads, a.metrics, a.paths, rank=a.rank).items()})
+        if "params" in a.targets:
+            out.update({f"weight/{k}": v for k, v in layer_metrics(
+                state.params, a.metrics, a.paths, rank=a.rank).items()})
+        return state, out
+
+    return hook
 
 
 def _write_table(workdir: str, s: dict) -> None:

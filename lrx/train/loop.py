@@ -289,7 +289,9 @@ def train(
       learning_rate: schedule evaluated on the host for logging.
       tokens_per_step: for the tokens/s metric.
       hooks: ``hook(step, state, batch) -> (state, metrics or None)`` called after every step
-        (``step`` = steps done); may replace the state (e.g. ReLoRA merges) and log metrics.
+        (``step`` = steps done, ``batch`` = the device batch of that step, leading axis
+        ``micro_batches``); may replace the state (e.g. ReLoRA merges); its metrics are written to
+        ``metrics.jsonl`` at that step and returned in ``hook_history``.
       progress: tqdm bar (default: when stderr is a TTY).
       stop_at: if > 0, checkpoint and return after this step although ``total_steps`` is larger
         (a planned preemption: the schedule still spans ``total_steps``).
@@ -360,7 +362,7 @@ def train(
 
         manager.save(int(s.step), args=ocp.args.StandardSave(s), force=True)
 
-    history, eval_history = [], []
+    history, eval_history, hook_history = [], [], []
     window: list[dict] = []
     use_bar = sys.stderr.isatty() if progress is None else progress
     bar = None
@@ -380,6 +382,7 @@ def train(
                 t_step = time.perf_counter()
                 state, metrics = compiled(state, batch)
                 step += 1
+                used_batch = batch
                 if step < total_steps:  # host-side batch prep overlaps the device's step
                     batch = shard_batch(batch_fn(step))
                 metrics = jax.device_get(metrics)
@@ -387,9 +390,10 @@ def train(
                 if not math.isfinite(loss):
                     raise NonFiniteLoss(step - 1, loss)
                 for hook in hooks:
-                    state, extra = hook(step, state, batch)
+                    state, extra = hook(step, state, used_batch)
                     if extra:
-                        metrics = {**metrics, **extra}
+                        writer.write(step, extra)
+                        hook_history.append({"step": step, **extra})
                 dt = time.perf_counter() - t_step
                 train_seconds += dt
                 tokens_seen += tokens_per_step
@@ -444,6 +448,7 @@ def train(
         "state": state,
         "history": history,
         "eval_history": eval_history,
+        "hook_history": hook_history,
         "final_eval": last_eval,
         "memory": memory | {"device_peak_bytes": device_peak_bytes(),
                             "host_peak_rss_bytes": host_peak_rss_bytes()},
