@@ -260,6 +260,51 @@ def subspace_overlap(a: jax.Array, b: jax.Array, *, orthonormal: bool = False) -
     return jnp.sum(jnp.square(cross), axis=(-2, -1)) / min(a.shape[-1], b.shape[-1])
 
 
+def singular_subspace(x: jax.Array, rank: int, *, side: str = "std") -> jax.Array:
+    """Orthonormal basis of the top-``rank`` singular subspace of ``x`` (exact SVD).
+
+    ``side='std'`` follows GaLore's ``proj_type='std'`` for the array as given (arXiv 2403.03507,
+    official code): rows >= cols -> the right subspace (rows of ``V^T``), else the left one, i.e.
+    always the smaller dimension. Comparing this basis at two steps with :func:`subspace_overlap`
+    gives the overlap of the GaLore projectors that refreshes at those steps would build.
+
+    Args:
+      x: ``(..., m, n)``.
+      rank: ``1 <= rank <= min(m, n)`` (static).
+      side: ``'left'`` -> ``(..., m, rank)``; ``'right'`` -> ``(..., n, rank)``; ``'std'``.
+    Returns:
+      ``(..., d, rank)`` with orthonormal columns.
+    """
+    _check_matrix(x)
+    if side not in ("left", "right", "std"):
+        raise ValueError(f"side={side!r}: valid choices are ('left', 'right', 'std')")
+    m, n = x.shape[-2:]
+    if not 1 <= rank <= min(m, n):
+        raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
+    if side == "std":
+        side = "right" if m >= n else "left"
+    return _singular_vectors(x, side)[..., :rank]
+
+
+def truncate_rank(x: jax.Array, rank: int | jax.Array) -> jax.Array:
+    """Best rank-``rank`` approximation of ``x`` (Eckart-Young), by a thin SVD.
+
+    This is WeLore's compression of a Low-Rank Component to its kept rank. ``rank`` may be traced
+    (the trailing singular values are masked, not sliced).
+
+    Args:
+      x: ``(..., m, n)``.
+      rank: ``>= 0`` (broadcasts against the batch axes).
+    Returns:
+      ``(..., m, n)`` in the dtype of ``x``.
+    """
+    _check_matrix(x)
+    u, s, vt = jnp.linalg.svd(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
+                              full_matrices=False)
+    keep = jnp.arange(s.shape[-1]) < jnp.asarray(rank)[..., None]
+    return ((u * jnp.where(keep, s, 0.0)[..., None, :]) @ vt).astype(x.dtype)
+
+
 def welore_normalize(s: jax.Array) -> jax.Array:
     """WeLore's min-max normalised spectrum ``(s - min s) / (max s - min s)``.
 
@@ -524,11 +569,13 @@ __all__ = [
     "principal_angles",
     "randomized_svd",
     "rank_at_energy",
+    "singular_subspace",
     "singular_values",
     "spectrum_metrics",
     "stable_rank",
     "subspace_overlap",
     "top_r_energy",
+    "truncate_rank",
     "welore_classify",
     "welore_normalize",
     "welore_rank_reduction",

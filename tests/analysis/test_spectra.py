@@ -302,3 +302,32 @@ def test_layer_metrics_randomized_and_under_jit():
     np.testing.assert_allclose(jitted["w/stable_rank"],
                                spectra.layer_metrics({"w": x}, ["stable_rank"])["w/stable_rank"],
                                rtol=1e-5)
+
+
+# ------------------------------------------------------------------------ subspace / truncation
+def test_singular_subspace_sides_and_galore_std_rule():
+    rng = np.random.default_rng(14)
+    tall = rng.standard_normal((12, 5))
+    u, _, vt = np.linalg.svd(tall, full_matrices=False)
+    left = spectra.singular_subspace(jnp.asarray(tall, jnp.float32), 2, side="left")
+    right = spectra.singular_subspace(jnp.asarray(tall, jnp.float32), 2, side="right")
+    std = spectra.singular_subspace(jnp.asarray(tall, jnp.float32), 2)
+    assert left.shape == (12, 2) and right.shape == (5, 2) and std.shape == (5, 2)
+    np.testing.assert_allclose(np.abs(left.T @ u[:, :2]), np.eye(2), atol=1e-5)
+    np.testing.assert_allclose(np.abs(right.T @ vt[:2].T), np.eye(2), atol=1e-5)
+    wide = spectra.singular_subspace(jnp.asarray(tall.T, jnp.float32), 2)
+    assert wide.shape == (5, 2)                            # the smaller side again
+    np.testing.assert_allclose(spectra.subspace_overlap(std, wide, orthonormal=True), 1.0,
+                               rtol=1e-5)
+
+
+def test_truncate_rank_is_the_eckart_young_approximation():
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 9, 6))
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    want = np.stack([(u[i, :, :3] * s[i, :3]) @ vt[i, :3] for i in range(2)])
+    got = jax.jit(spectra.truncate_rank)(jnp.asarray(x, jnp.float32), 3)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    per_matrix = spectra.truncate_rank(jnp.asarray(x, jnp.float32), jnp.asarray([0, 6]))
+    np.testing.assert_allclose(per_matrix[0], 0.0, atol=1e-6)
+    np.testing.assert_allclose(per_matrix[1], x[1], atol=1e-5)
