@@ -6,7 +6,7 @@ warmup then cosine to 10%. Defaults: the tiny LLaMA on Shakespeare (CPU, a few m
 (a quarter of the hidden size, the paper's 128/512 ratio for LLaMA-60M).
 
     python run.py --config=configs/galore.py
-    python run.py --config=configs/galore.py:llama_60m             # the paper's 60M setup (rank 128)
+    python run.py --config=configs/galore.py:llama_60m   # the paper's 60M setup (rank 128)
     python run.py --config=configs/galore.py:rank=64,proj_type=reverse_std
     python run.py --config=configs/galore.py --config.optimizer.projector=randomized
 """
