@@ -1,0 +1,166 @@
+"""Perceptron algorithms: the Batch Perceptron (the gamma -> infinity limit of LR+GD), its
+normalized version (the limit of Normalized LR+GD) and the classical one-sample Perceptron.
+
+Reference: A. Tyurin, "From Logistic Regression to the Perceptron Algorithm: Exploring Gradient
+Descent with Large Step Sizes", arXiv 2412.08424 (2024). With ``z_i = y_i a_i`` and the set of
+misclassified samples ``S_t = {i : y_i a_i^T theta_t <= 0}``:
+
+  * Batch Perceptron (Alg. of Sec. 3, the limit in Thm 3.2): ``theta_1 = theta_0 + (1/(2n))
+    sum_i z_i`` (from ``theta_0 = 0`` every ``sigma(-gamma m_i) = sigma(0) = 1/2``, hence the
+    first step's factor 1/2), then ``theta_{t+1} = theta_t + (1/n) sum_{i in S_t} z_i``.
+    Thm 3.3: it separates the data within ``n R^2 / mu^2`` iterations.
+  * Normalized Batch Perceptron (Sec. 5-6): ``theta_{t+1} = theta_t + (1/|S_t|) sum_{i in S_t}
+    z_i``; from 0 its first step is ``mean_i z_i`` (the limit of Normalized LR+GD, whose
+    ``beta_0 = 2`` cancels the 1/2). Thm 5.3: at most ``R^2 / mu^2`` iterations.
+  * Classical Perceptron (Rosenblatt; Novikoff's bound, Thm 5.2): cycle through the samples in
+    order and update ``theta <- theta + z_i`` whenever ``z_i^T theta <= 0``; at most ``R^2/mu^2``
+    updates. We count updates (the paper's iterations) and full passes (epochs).
+
+Once ``S_t`` is empty the batch updates are zero, so iterates stay put after separation; the
+trace continues to ``T`` so that it can be compared step by step with LR+GD.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class PerceptronTrace(NamedTuple):
+    """Per-iteration record of a batch perceptron over ``t = 0..T``.
+
+    Attributes:
+      params: ``(T+1, d)`` iterates ``theta_t`` (``theta_0 = 0``).
+      accuracy: ``(T+1,)`` fraction of samples with ``y_i a_i^T theta_t > 0``.
+      mistakes: ``(T+1,)`` ``|S_t|``.
+      separated: ``(T+1,)`` bool, ``S_t`` empty.
+    """
+
+    params: jax.Array
+    accuracy: jax.Array
+    mistakes: jax.Array
+    separated: jax.Array
+
+
+class PerceptronResult(NamedTuple):
+    """Result of the classical one-sample Perceptron.
+
+    Attributes:
+      params: ``(d,)`` final ``theta``.
+      updates: number of updates (mistakes) made.
+      epochs: number of full passes, including the final mistake-free pass when converged.
+      converged: whether a full pass made no mistake (the data are separated).
+    """
+
+    params: jax.Array
+    updates: jax.Array
+    epochs: jax.Array
+    converged: jax.Array
+
+
+def batch_step(theta: jax.Array, features: jax.Array, labels: jax.Array, *,
+               normalized: bool = False, first: bool = False) -> jax.Array:
+    """One Batch Perceptron step: ``theta + c * sum_{i in S} y_i a_i`` -> ``(d,)``.
+
+    ``c = 1/n`` (times 1/2 when ``first``) or, if ``normalized``, ``1/|S|`` (0 when S is empty).
+    ``theta (d,)``, ``features (n, d)``, ``labels (n,)``.
+    """
+    n = features.shape[0]
+    wrong = (labels * (features @ theta) <= 0).astype(features.dtype)
+    total = (wrong * labels) @ features
+    if normalized:
+        count = jnp.sum(wrong)
+        return theta + total / jnp.maximum(count, 1.0)
+    return theta + total * ((0.5 if first else 1.0) / n)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps", "normalized"))
+def _batch(features, labels, num_steps: int, normalized: bool) -> PerceptronTrace:
+    def step(theta, t):
+        m = labels * (features @ theta)
+        wrong = jnp.sum(m <= 0)
+        new = jax.lax.cond(
+            t == 0,
+            lambda th: batch_step(th, features, labels, normalized=normalized, first=True),
+            lambda th: batch_step(th, features, labels, normalized=normalized, first=False),
+            theta)
+        return new, (theta, jnp.mean(m > 0), wrong, wrong == 0)
+
+    theta0 = jnp.zeros(features.shape[1], features.dtype)
+    _, outs = jax.lax.scan(step, theta0, jnp.arange(num_steps + 1))
+    return PerceptronTrace(*outs)
+
+
+def batch_perceptron(features: jax.Array, labels: jax.Array, num_steps: int, *,
+                     normalized: bool = False) -> PerceptronTrace:
+    """``num_steps`` iterations of the (Normalized) Batch Perceptron from ``theta_0 = 0``.
+
+    Args:
+      features: ``(n, d)``.
+      labels: ``(n,)`` in ``{-1, +1}``.
+      num_steps: ``T >= 0``.
+      normalized: use ``1/|S_t|`` instead of ``1/n`` (and no 1/2 on the first step).
+    Returns:
+      :class:`PerceptronTrace` over ``t = 0..T``.
+    """
+    features = jnp.asarray(features)
+    labels = jnp.asarray(labels, features.dtype)
+    _check(features, labels)
+    if int(num_steps) < 0:
+        raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
+    return _batch(features, labels, int(num_steps), bool(normalized))
+
+
+@functools.partial(jax.jit, static_argnames=("max_epochs",))
+def _classical(features, labels, max_epochs: int) -> PerceptronResult:
+    def one_pass(theta):
+        def visit(carry, sample):
+            th, count = carry
+            a, y = sample
+            wrong = y * (a @ th) <= 0
+            return (jnp.where(wrong, th + y * a, th), count + wrong.astype(jnp.int32)), None
+
+        (theta, count), _ = jax.lax.scan(visit, (theta, jnp.int32(0)), (features, labels))
+        return theta, count
+
+    def cond(state):
+        _, _, epochs, last = state
+        return (epochs < max_epochs) & (last > 0)
+
+    def body(state):
+        theta, updates, epochs, _ = state
+        theta, count = one_pass(theta)
+        return theta, updates + count, epochs + 1, count
+
+    theta0 = jnp.zeros(features.shape[1], features.dtype)
+    theta, updates, epochs, last = jax.lax.while_loop(
+        cond, body, (theta0, jnp.int32(0), jnp.int32(0), jnp.int32(1)))
+    return PerceptronResult(theta, updates, epochs, last == 0)
+
+
+def perceptron(features: jax.Array, labels: jax.Array, *, max_epochs: int = 1000
+               ) -> PerceptronResult:
+    """The classical Perceptron: cyclic passes over the samples, ``theta += y_i a_i`` on a mistake.
+
+    Args:
+      features: ``(n, d)``.
+      labels: ``(n,)`` in ``{-1, +1}``.
+      max_epochs: stop after this many passes even if not converged.
+    """
+    features = jnp.asarray(features)
+    labels = jnp.asarray(labels, features.dtype)
+    _check(features, labels)
+    if int(max_epochs) < 1:
+        raise ValueError(f"max_epochs must be >= 1, got {max_epochs}.")
+    return _classical(features, labels, int(max_epochs))
+
+
+def _check(features, labels) -> None:
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError("the dataset is empty or not an (n, d) matrix (features "
+                         f"{features.shape}); need n >= 1 samples with d >= 1 features.")
+    if labels.shape != (features.shape[0],):
+        raise ValueError(f"labels must have shape ({features.shape[0]},), got {labels.shape}.")
