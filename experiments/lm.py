@@ -84,6 +84,14 @@ def defaults() -> ml_collections.ConfigDict:
         stop_at=0))  # stop_at > 0: checkpoint and exit after that step (resume later)
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
     c.multihost = False
+    # Weight parameterization (lrx.param) of the matrices matching `include`: 'none' keeps every
+    # weight dense; otherwise a factory of lrx.param ('lowrank', 'lora', 'dora', 'sltrain', 'nola',
+    # 'randlora', 'vera'). alpha=0 and init='' mean the method's default. relora_every=K > 0 (LoRA
+    # only) merges the adapters into the base every K steps, re-initialises them, zeroes their
+    # optimizer moments and re-warms the learning rate over relora_warmup steps (ReLoRA).
+    c.param = ml_collections.ConfigDict(dict(
+        method="none", include=PROJECT_ATTN_MLP, rank=32, alpha=0.0, rslora=False, init="",
+        density=0.03, num_basis_a=1024, num_basis_b=1024, relora_every=0, relora_warmup=50))
     # Spectral diagnostics every `every` steps (0 = off, no cost): metrics of lrx.analysis for the
     # gradients and/or weights of the matrices matching `paths`, logged to metrics.jsonl.
     c.analysis = ml_collections.ConfigDict(dict(
@@ -247,6 +255,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / "
                           f"train.micro_batches) is not divisible by the data-parallel size {dp} "
                           f"(mesh data x fsdp over {jax.device_count()} devices)")
+    if c.param.method != "none":
+        _param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
+        if c.param.relora_every and c.param.method != "lora":
+            raise ConfigError("param.relora_every > 0 (ReLoRA) needs param.method='lora', got "
+                              f"{c.param.method!r}")
+        common.check_positive(c.param.relora_every, "param.relora_every", allow_zero=True)
     if c.analysis.every:
         from lrx.analysis import METRICS
 
@@ -258,6 +272,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if c.train.eval_windows % dp:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
+
+
+PARAM_METHODS = ("none", "lowrank", "lora", "dora", "sltrain", "nola", "randlora", "vera")
+
+
+def _param_factory(p: ml_collections.ConfigDict):
+    """The lrx.param factory for the param section (only the arguments the method takes)."""
+    import inspect
+
+    import lrx.param
+
+    common.check_choice(p.method, PARAM_METHODS, "param.method")
+    candidates = {"rank": p.rank, "alpha": p.alpha or None, "rslora": p.rslora,
+                  "init": p.init or None, "density": p.density, "num_basis_a": p.num_basis_a,
+                  "num_basis_b": p.num_basis_b}
+    accepted = inspect.signature(getattr(lrx.param, p.method)).parameters
+    kwargs = {k: v for k, v in candidates.items() if k in accepted and v is not None}
+    try:
+        return lrx.param.factory(p.method, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.param: {e}") from None
+
+
+def _relora_hook(p: ml_collections.ConfigDict, seed: int):
+    """Every p.relora_every steps: merge LoRA adapters into the base, re-initialise them and zero
+    the optimizer's float moments (counters are kept, so schedules continue)."""
+    import jax
+    import jax.numpy as jnp
+
+    import lrx.param
+
+    @jax.jit
+    def restart(state, step):
+        full = lrx.param.combine(state.params, state.frozen)
+        key = jax.random.fold_in(jax.random.key(seed + 1), step)
+        trainable, frozen = lrx.param.partition(lrx.param.merge_and_reinit(full, key))
+        zero = lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return state.replace(params=trainable, frozen=frozen,
+                             opt_state=jax.tree_util.tree_map(zero, state.opt_state))
+
+    def hook(step, state, batch):  # noqa: ARG001
+        if step % p.relora_every:
+            return state, None
+        return restart(state, step), {"relora_restart": 1}
+
+    return hook
 
 
 def _build_optimizer_transform(o, schedule, mask):
@@ -352,12 +412,25 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     params = jax.jit(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"])(
         init_key)
     frozen: Any = {}
+    if c.param.method != "none":
+        import lrx.param
+
+        rules = [(c.param.include, _param_factory(c.param))]
+        params = lrx.param.apply(params, rules, jax.random.fold_in(init_key, 1))
+        params, frozen = lrx.param.partition(params)
 
     o = c.optimizer
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps,
                                                                      c.train.steps - 1),
         decay_steps=c.train.steps, end_value=o.learning_rate * o.min_lr_ratio)
+    if c.param.relora_every:
+        base_schedule, every, rewarm = schedule, c.param.relora_every, c.param.relora_warmup
+
+        def schedule(t):  # ReLoRA's jagged schedule: re-warm after every restart
+            since = jnp.mod(t, every)
+            jag = jnp.where(t >= every, jnp.minimum(1.0, (since + 1) / max(rewarm, 1)), 1.0)
+            return base_schedule(t) * jag
     mask = path_mask(params, o.project) if o.name != "adamw" else None
     if mask is not None and not any(jax.tree_util.tree_leaves(mask)):
         raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter paths "
@@ -365,8 +438,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     optimizer = _build_optimizer_transform(o, schedule, mask)
     state = loop.create_state(params, optimizer, seed=c.seed, frozen=frozen)
 
+    if c.param.method != "none":
+        import lrx.param
+
+        def full_params(p, fz):
+            return lrx.param.combine(p, fz)
+    else:
+        def full_params(p, fz):  # noqa: ARG001
+            return p
+
     def loss_fn(p, fz, batch, rng):  # noqa: ARG001 - deterministic model
-        logits = model.apply({"params": p}, batch[:, :-1])
+        logits = model.apply({"params": full_params(p, fz)}, batch[:, :-1])
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
         return loss, {}
 
@@ -384,6 +466,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return text.sample_batch(corpus.train, data_seed, step, batch_size, seq_len)
 
     hooks = []
+    if c.param.relora_every:
+        hooks.append(_relora_hook(c.param, c.seed))
     if c.analysis.every:
         hooks.append(_analysis_hook(c.analysis, loss_fn))
 
@@ -413,6 +497,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "status": "done" if result["stopped_by"] == "end" else f"stopped by {result['stopped_by']}",
         "experiment": "lm",
         "optimizer": o.name,
+        "param": c.param.method,
         "model": c.model.preset,
         "steps": int(result["state"].step),
         "resumed_from": result["resumed_from"],
