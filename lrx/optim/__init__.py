@@ -1,1 +1,42 @@
-"""lrx.optim."""
+"""lrx.optim: memory-efficient low-rank optimizers as optax gradient transformations.
+
+* :func:`galore` / :func:`scale_by_galore` — GaLore (arXiv 2403.03507);
+* :func:`frugal` / :func:`scale_by_frugal` — FRUGAL (arXiv 2411.07837);
+* :func:`fira` / :func:`scale_by_fira` — Fira (arXiv 2410.01623);
+* :func:`path_mask` / :func:`path_labels` — projection masks / multi_transform labels from
+  parameter paths; :class:`DimensionNumbers` — layouts other than "last two axes".
+"""
+
+from lrx.optim.fira import ScaleByFiraState, fira, scale_by_fira
+from lrx.optim.frugal import ScaleByFrugalState, frugal, scale_by_frugal
+from lrx.optim.galore import ScaleByGaloreState, galore, scale_by_galore
+from lrx.optim.lowrank import (
+    BLOCK_ORDERS,
+    MOMENTS,
+    RESIDUALS,
+    STATE_FREE,
+    SUBSPACES,
+    LowRankState,
+    learning_rate_then_decay,
+)
+from lrx.optim.masks import ATTN_MLP, path_labels, path_mask, path_name, path_names
+from lrx.optim.subspace import (
+    PROJ_TYPES,
+    PROJECTORS,
+    DimensionNumbers,
+    Projector,
+    galore_state_size,
+    randomized_range,
+    resolve_side,
+    top_left_svd,
+    tree_bytes,
+)
+
+__all__ = [
+    "ATTN_MLP", "BLOCK_ORDERS", "MOMENTS", "PROJECTORS", "PROJ_TYPES", "RESIDUALS", "STATE_FREE",
+    "SUBSPACES", "DimensionNumbers", "LowRankState", "Projector", "ScaleByFiraState",
+    "ScaleByFrugalState", "ScaleByGaloreState", "fira", "frugal", "galore", "galore_state_size",
+    "learning_rate_then_decay", "path_labels", "path_mask", "path_name", "path_names",
+    "randomized_range", "resolve_side", "scale_by_fira", "scale_by_frugal", "scale_by_galore",
+    "top_left_svd", "tree_bytes",
+]

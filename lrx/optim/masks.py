@@ -1,0 +1,70 @@
+"""Selecting which leaves are projected: masks and labels from parameter paths.
+
+GaLore's recipe (arXiv 2403.03507, ``torchrun_main.py``) projects only the attention and MLP
+matrices; embeddings, LM head and norms get the same Adam unprojected. With Flax parameter trees
+the leaves have paths like ``layers_0/attn/q/kernel``; :func:`path_mask` turns a regex into the
+boolean pytree that ``lrx.optim.galore(mask=...)`` takes, :func:`path_labels` builds labels for
+``optax.multi_transform``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+# The official recipe's selection for lrx's LLaMA (`lrx.models.llama`): attention and MLP kernels.
+ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"
+
+
+def path_name(path: tuple) -> str:
+    """'/'-joined name of a pytree key path (dict keys, attribute names, sequence indices)."""
+    parts = []
+    for p in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(p, attr):
+                parts.append(str(getattr(p, attr)))
+                break
+        else:
+            parts.append(str(p))
+    return "/".join(parts)
+
+
+def path_names(tree: Any) -> Any:
+    """Pytree of the leaves' '/'-joined path names (handy to write regexes)."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), tree)
+
+
+def path_mask(params: Any, include: str = ".*", exclude: str | None = None, *,
+              min_ndim: int = 2) -> Any:
+    """Boolean pytree: True where the leaf path fully matches ``include``, does not match
+    ``exclude`` (``re.search``) and the leaf has at least ``min_ndim`` axes.
+
+    Example: ``path_mask(params, ATTN_MLP)`` projects the attention and MLP kernels only.
+    """
+    inc = re.compile(include)
+    exc = re.compile(exclude) if exclude else None
+
+    def leaf(path, x):
+        name = path_name(path)
+        ok = inc.fullmatch(name) is not None and (exc is None or exc.search(name) is None)
+        return bool(ok and getattr(x, "ndim", 0) >= min_ndim)
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def path_labels(params: Any, rules: Mapping[str, str], default: str) -> Any:
+    """Pytree of labels for ``optax.multi_transform``: the first ``label: regex`` rule whose regex
+    fully matches the leaf path, else ``default``."""
+    compiled = [(label, re.compile(rx)) for label, rx in rules.items()]
+
+    def leaf(path, _):
+        name = path_name(path)
+        for label, rx in compiled:
+            if rx.fullmatch(name):
+                return label
+        return default
+
+    return jax.tree_util.tree_map_with_path(leaf, params)

@@ -1,0 +1,300 @@
+"""Subspace machinery shared by GaLore, FRUGAL and Fira: layouts, side choice, projectors.
+
+A projected leaf is viewed as a stack of independent matrices ``G (B, m, n)``: ``B`` is the product
+of its batch axes (e.g. the layer axis of a scanned ``(L, m, n)`` stack), ``m`` of its row axes and
+``n`` of its column axes (:class:`DimensionNumbers`; the default is "last two axes are the matrix,
+every leading axis is a batch axis").
+
+Projectors are stored as orthonormal column blocks:
+
+* left side: ``P (B, m, r)``, ``R = Pᵀ G (B, r, n)``, back-projection ``P N``;
+* right side: ``Q (B, n, r)`` (GaLore's ``Vh[:r]`` transposed), ``R = G Q (B, m, r)``,
+  back ``N Qᵀ``;
+* full (two-sided): both, ``R = Pᵀ G Q (B, r, r)``.
+
+Side rules follow the official GaLore ``GaLoreProjector`` (Zhao et al., "GaLore: Memory-Efficient
+LLM Training by Gradient Low-Rank Projection", arXiv 2403.03507) for the array as given
+(rows x cols):
+
+============  =======================  =======================
+proj_type     m >= n                   m < n
+============  =======================  =======================
+std           right (state m x r)      left (state r x n)
+reverse_std   left  (state r x n)      right (state m x r)
+left / right  always that side         always that side
+full          two-sided (state r x r)  two-sided
+============  =======================  =======================
+
+``std`` and ``reverse_std`` depend only on which dimension is smaller, so they pick the same
+physical dimension of a layer in PyTorch's ``(out, in)`` layout and in Flax's ``(in, out)`` kernel
+layout; ``left``/``right`` swap meaning between the two layouts. ``std`` puts the projector on the
+smaller dimension (projector ``r·min(m, n)``, moments ``2·r·max(m, n)``); ``reverse_std`` (the rule
+``optax.contrib.galore`` hard-codes) puts it on the larger one and needs less optimizer memory.
+
+Projector backends (``projector=``):
+
+* ``'svd'``: top-r singular vectors of the float32 thin SVD of the current gradient (official).
+* ``'randomized'``: randomized range finder (Halko, Martinsson & Tropp, "Finding structure with
+  randomness", arXiv 0909.4061, Alg. 4.4 with ``power_iters`` subspace iterations),
+  ``r + oversample`` Gaussian probes, then the top-r directions of the sketch from a small
+  ``(r+p) x (r+p)`` eigenproblem. Optionally warm-started from the previous projector.
+* ``'random'``: a seeded random orthonormal basis (QR of a Gaussian; GoLore arXiv 2410.11289,
+  FRUGAL's ``random``).
+* ``'randperm'``: r distinct coordinate axes as a one-hot basis (FRUGAL's ``randperm``; with the
+  side fixed it also gives FRUGAL's ``columns``/``rows`` coordinate choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+PROJECTORS = ("svd", "randomized", "random")
+SIDES = ("left", "right", "full")
+
+
+def check_choice(value: str, choices: Sequence[str], name: str) -> None:
+    """Raises ValueError naming ``name`` and the valid choices if ``value`` is not one of them."""
+    if value not in choices:
+        valid = ", ".join(map(repr, choices))
+        raise ValueError(f"{name}={value!r} is not valid; choose one of {valid}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DimensionNumbers:
+    """Which axes of a leaf form the rows, the columns and the batch of independent matrices.
+
+    ``reduction`` axes are flattened into the rows ``m``, ``output`` axes into the columns ``n`` and
+    ``batch`` axes into ``B`` (each batch entry is its own matrix with its own projector). Every
+    axis must appear exactly once. Example: an attention kernel ``(embed, heads, head_dim)`` as one
+    ``embed x (heads·head_dim)`` matrix is ``DimensionNumbers(reduction=(0,), output=(1, 2))``; a
+    scanned stack ``(L, embed, heads, head_dim)`` adds ``batch=(0,)``.
+    """
+
+    reduction: tuple[int, ...] = (-2,)
+    output: tuple[int, ...] = (-1,)
+    batch: tuple[int, ...] | None = None   # None: every axis not in reduction/output
+
+    def axes(self, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Normalised (batch, reduction, output) axes for a leaf of rank ``ndim``."""
+        def norm(axes):
+            out = []
+            for a in axes:
+                if not -ndim <= a < ndim:
+                    raise ValueError(f"DimensionNumbers axis {a} is out of range for a leaf with "
+                                     f"{ndim} axes")
+                out.append(a % ndim)
+            return tuple(out)
+
+        red, outp = norm(self.reduction), norm(self.output)
+        if not red or not outp:
+            raise ValueError("DimensionNumbers needs at least one reduction and one output axis")
+        if self.batch is None:
+            batch = tuple(a for a in range(ndim) if a not in red + outp)
+        else:
+            batch = norm(self.batch)
+        allaxes = batch + red + outp
+        if sorted(allaxes) != list(range(ndim)):
+            raise ValueError(f"DimensionNumbers(batch={batch}, reduction={red}, output={outp}) "
+                             f"must name every axis of a {ndim}-axis leaf exactly once")
+        return batch, red, outp
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Static view of one leaf as ``(B, m, n)``: the permutation and the shapes to undo it."""
+
+    perm: tuple[int, ...]
+    permuted_shape: tuple[int, ...]
+    batch: int
+    m: int
+    n: int
+
+    @classmethod
+    def of(cls, shape: Sequence[int], dims: DimensionNumbers) -> Layout:
+        batch, red, outp = dims.axes(len(shape))
+        perm = batch + red + outp
+        permuted = tuple(shape[a] for a in perm)
+        size = lambda axes: math.prod(shape[a] for a in axes)  # noqa: E731
+        return cls(perm, permuted, size(batch), size(red), size(outp))
+
+    def to3(self, x: jax.Array) -> jax.Array:
+        """Leaf -> ``(B, m, n)``."""
+        if self.perm != tuple(range(len(self.perm))):
+            x = jnp.transpose(x, self.perm)
+        return x.reshape(self.batch, self.m, self.n)
+
+    def from3(self, x: jax.Array) -> jax.Array:
+        """``(B, m, n)`` -> leaf shape."""
+        x = x.reshape(self.permuted_shape)
+        if self.perm != tuple(range(len(self.perm))):
+            inv = [0] * len(self.perm)
+            for i, a in enumerate(self.perm):
+                inv[a] = i
+            x = jnp.transpose(x, inv)
+        return x
+
+
+def resolve_side(m: int, n: int, proj_type: str) -> str:
+    """'left' | 'right' | 'full' for an ``m x n`` matrix under GaLore's ``proj_type`` rule."""
+    check_choice(proj_type, PROJ_TYPES, "proj_type")
+    if proj_type in ("left", "right", "full"):
+        return proj_type
+    tall = m >= n
+    if proj_type == "std":
+        return "right" if tall else "left"
+    return "left" if tall else "right"
+
+
+class Projector(NamedTuple):
+    """Orthonormal bases of one projected leaf: ``left (B, m, r)`` and/or ``right (B, n, r)``;
+    the unused side is ``None``."""
+
+    left: jax.Array | None
+    right: jax.Array | None
+
+
+def project(g: jax.Array, p: Projector) -> jax.Array:
+    """``G (B, m, n)`` -> ``R``: ``Pᵀ G (B, r, n)``, ``G Q (B, m, r)`` or ``Pᵀ G Q (B, r, r)``."""
+    if p.left is not None:
+        g = jnp.einsum("bmr,bmn->brn", p.left, g)
+    if p.right is not None:
+        g = jnp.einsum("bmn,bnr->bmr", g, p.right)
+    return g
+
+
+def project_back(r: jax.Array, p: Projector) -> jax.Array:
+    """Low-rank ``R`` -> ``(B, m, n)``: ``P R``, ``R Qᵀ`` or ``P R Qᵀ``."""
+    if p.left is not None:
+        r = jnp.einsum("bmr,brn->bmn", p.left, r)
+    if p.right is not None:
+        r = jnp.einsum("bmr,bnr->bmn", r, p.right)
+    return r
+
+
+def projected_shape(batch: int, m: int, n: int, side: str, rank: int) -> tuple[int, int, int]:
+    """Shape of ``R`` for a side."""
+    if side == "left":
+        return (batch, rank, n)
+    if side == "right":
+        return (batch, m, rank)
+    return (batch, rank, rank)
+
+
+def _qr(y: jax.Array) -> jax.Array:
+    return jnp.linalg.qr(y)[0]
+
+
+def top_left_svd(g: jax.Array, rank: int) -> jax.Array:
+    """Top-``rank`` left singular vectors ``(B, m, rank)`` of ``g (B, m, n)`` (float32 thin SVD)."""
+    u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
+    return u[..., :rank]
+
+
+def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int = 8,
+                     power_iters: int = 1, warm: jax.Array | None = None,
+                     warm_valid: jax.Array | bool = True) -> jax.Array:
+    """Approximate top-``rank`` left singular subspace ``(B, m, rank)`` of ``g (B, m, n)``.
+
+    Halko–Martinsson–Tropp randomized range finder: ``Y = G Ω`` with ``k = min(rank + oversample,
+    m, n)`` Gaussian probes (the first ``rank`` replaced by ``Gᵀ P_warm`` when ``warm (B, m, r)`` is
+    given and ``warm_valid``), ``power_iters`` re-orthonormalised subspace iterations
+    ``Y ← G (Gᵀ qr(Y))``, ``Q = qr(Y)``, then the top-``rank`` eigenvectors ``W`` of the small
+    ``(QᵀG)(QᵀG)ᵀ (k x k)`` give
+    ``P = Q W`` ordered by captured energy. Cost O(m n k) per iteration instead of O(m n min(m,n)).
+    """
+    g = g.astype(jnp.float32)
+    b, m, n = g.shape
+    k = min(rank + oversample, m, n)
+    omega = jax.random.normal(key, (b, n, k), jnp.float32)
+    if warm is not None:
+        seed_cols = jnp.einsum("bmn,bmr->bnr", g, warm.astype(jnp.float32))
+        r0 = seed_cols.shape[-1]
+        seed_cols = jnp.where(warm_valid, seed_cols, omega[..., :r0])
+        omega = jnp.concatenate([seed_cols, omega[..., r0:]], axis=-1)
+    y = jnp.einsum("bmn,bnk->bmk", g, omega)
+    for _ in range(power_iters):
+        q = _qr(y)
+        z = _qr(jnp.einsum("bmn,bmk->bnk", g, q))
+        y = jnp.einsum("bmn,bnk->bmk", g, z)
+    q = _qr(y)
+    small = jnp.einsum("bmk,bmn->bkn", q, g)
+    gram = jnp.einsum("bkn,bjn->bkj", small, small)
+    _, vecs = jnp.linalg.eigh(gram)                     # ascending eigenvalues
+    top = vecs[..., ::-1][..., :rank]
+    return jnp.einsum("bmk,bkr->bmr", q, top)
+
+
+def random_orthonormal(key: jax.Array, batch: int, dim: int, rank: int) -> jax.Array:
+    """``(batch, dim, rank)`` random orthonormal columns (QR of a Gaussian, sign-fixed)."""
+    gauss = jax.random.normal(key, (batch, dim, rank), jnp.float32)
+    q, r = jnp.linalg.qr(gauss)
+    sign = jnp.sign(jnp.diagonal(r, axis1=-2, axis2=-1))
+    return q * jnp.where(sign == 0, 1.0, sign)[:, None, :]
+
+
+def random_coordinates(key: jax.Array, batch: int, dim: int, rank: int) -> jax.Array:
+    """``(batch, dim, rank)`` one-hot columns selecting ``rank`` distinct random coordinates."""
+    keys = jax.random.split(key, batch)
+    idx = jax.vmap(lambda k: jax.random.permutation(k, dim)[:rank])(keys)     # (batch, rank)
+    return jax.nn.one_hot(idx, dim, dtype=jnp.float32, axis=1)
+
+
+def compute_projector(g: jax.Array, side: str, rank: int, method: str, key: jax.Array,
+                      old: Projector | None = None, *, oversample: int = 8, power_iters: int = 1,
+                      warm_start: bool = False, warm_valid: jax.Array | bool = True,
+                      dtype=jnp.float32) -> Projector:
+    """New projector for ``g (B, m, n)``; ``method`` in svd/randomized/random/randperm."""
+    b, m, n = g.shape
+    k_left, k_right = jax.random.split(key)
+    if method == "svd":
+        g32 = g.astype(jnp.float32)
+        u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
+        left = u[..., :rank] if side in ("left", "full") else None
+        right = jnp.swapaxes(vh[..., :rank, :], -1, -2) if side in ("right", "full") else None
+    elif method == "randomized":
+        def warm(x):
+            return x if (warm_start and old is not None) else None
+        left = right = None
+        if side in ("left", "full"):
+            left = randomized_range(g, rank, k_left, oversample=oversample,
+                                    power_iters=power_iters, warm=warm(old and old.left),
+                                    warm_valid=warm_valid)
+        if side in ("right", "full"):
+            right = randomized_range(jnp.swapaxes(g, -1, -2), rank, k_right,
+                                     oversample=oversample, power_iters=power_iters,
+                                     warm=warm(old and old.right), warm_valid=warm_valid)
+    elif method in ("random", "randperm"):
+        fn = random_orthonormal if method == "random" else random_coordinates
+        left = fn(k_left, b, m, rank) if side in ("left", "full") else None
+        right = fn(k_right, b, n, rank) if side in ("right", "full") else None
+    else:
+        raise ValueError(f"projector={method!r} is not valid; choose one of "
+                         "'svd', 'randomized', 'random', 'randperm'")
+    cast = lambda x: None if x is None else x.astype(dtype)  # noqa: E731
+    return Projector(cast(left), cast(right))
+
+
+def galore_state_size(m: int, n: int, rank: int, proj_type: str = "std") -> dict[str, int]:
+    """Closed-form number of optimizer-state entries of one ``m x n`` GaLore matrix (Adam).
+
+    Returns ``{'projector': ..., 'moments': ..., 'total': ...}``; e.g. ``std``:
+    ``r·min(m, n)`` projector + ``2·r·max(m, n)`` moments; ``full``: ``r(m + n) + 2r²``.
+    """
+    r = min(rank, m, n)
+    side = resolve_side(m, n, proj_type)
+    proj = {"left": m * r, "right": n * r, "full": (m + n) * r}[side]
+    moments = 2 * math.prod(projected_shape(1, m, n, side, r))
+    return {"projector": proj, "moments": moments, "total": proj + moments}
+
+
+def tree_bytes(tree) -> int:
+    """Total bytes of the array leaves of ``tree``."""
+    return int(sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree)
+                   if hasattr(x, "dtype")))
