@@ -1,5 +1,6 @@
 """The lm experiment: exact resume of the real model, config arguments, schema checks."""
 
+import json
 import os
 
 import numpy as np
@@ -75,3 +76,19 @@ def test_validate_rejects_unknown_keys_and_bad_values():
     c.optimizer.rank = 4  # a GaLore key on an AdamW config
     with pytest.raises(ConfigError, match="optimizer.rank is not a known key"):
         lm.validate(c)
+
+
+def test_analysis_hook_changes_nothing_in_training(tmp_path):
+    off = _config(3)
+    on = _config(3)
+    on.analysis.every = 1
+    lm.run(off, str(tmp_path / "off"))
+    lm.run(on, str(tmp_path / "on"))
+    a = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "off", 3))])
+    b = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "on", 3))])
+    np.testing.assert_array_equal(a, b)
+    records = [json.loads(line) for line in open(tmp_path / "on" / "metrics.jsonl")]
+    assert any(k.startswith("grad/layers_0/attn/q/kernel/effective_rank") for r in records
+               for k in r)
+    assert not any(k.startswith("grad/") for line in open(tmp_path / "off" / "metrics.jsonl")
+                   for k in json.loads(line))
