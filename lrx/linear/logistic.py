@@ -28,6 +28,7 @@ over a grid of step sizes, compiled once.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -132,17 +133,35 @@ def _check_data(features, labels) -> None:
         raise ValueError(f"labels must have shape ({features.shape[0]},), got {labels.shape}.")
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "rule", "keep_params"))
-def _run(features, labels, gamma, num_steps: int, rule: str, keep_params: bool) -> Trace:
+def _run(features, labels, gamma, code, num_steps: int, rules: tuple[str, ...],
+         keep_params: bool) -> Trace:
+    """One run; ``code`` indexes ``rules`` (a traced int, so one compiled sweep mixes rules)."""
+    branches = [functools.partial(direction, rule=r) for r in rules]
+
     def step(theta, _):
         out = _metrics(theta, features, labels)
         kept = theta if keep_params else theta[:0]
-        new = theta - gamma * direction(theta, features, labels, rule)
-        return new, (kept, *out)
+        if len(branches) == 1:
+            d = branches[0](theta, features, labels)
+        else:
+            d = jax.lax.switch(code, branches, theta, features, labels)
+        return theta - gamma * d, (kept, *out)
 
     theta0 = jnp.zeros(features.shape[1], features.dtype)
     _, outs = jax.lax.scan(step, theta0, None, length=num_steps + 1)
     return Trace(*outs)
+
+
+def _rules(rule, size: int) -> tuple[tuple[str, ...], np.ndarray]:
+    names = [rule] * size if isinstance(rule, str) else list(rule)
+    if len(names) != size:
+        raise ValueError(f"got {len(names)} rules for {size} step sizes; give one rule or one per "
+                         "step size.")
+    for name in names:
+        if name not in RULES:
+            raise ValueError(f"rule={name!r} is not valid. Valid choices: {', '.join(RULES)}.")
+    used = tuple(r for r in RULES if r in names)
+    return used, np.asarray([used.index(r) for r in names], np.int32)
 
 
 def run(features: jax.Array, labels: jax.Array, gamma: float, num_steps: int, *,
@@ -159,26 +178,26 @@ def run(features: jax.Array, labels: jax.Array, gamma: float, num_steps: int, *,
     Returns:
       :class:`Trace` over ``t = 0..T``.
     """
-    features = jnp.asarray(features)
-    labels = jnp.asarray(labels, dtype=features.dtype)
-    _check_data(features, labels)
     check_gamma(gamma)
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is not valid. Valid choices: {', '.join(RULES)}.")
-    if int(num_steps) < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-    return _run(features, labels, jnp.asarray(gamma, features.dtype), int(num_steps), rule,
-                keep_params)
+    trace = sweep(features, labels, np.reshape(np.asarray(gamma, np.float64), (1,)), num_steps,
+                  rule=rule, keep_params=keep_params)
+    return jax.tree_util.tree_map(lambda v: v[0], trace)
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "rule", "keep_params"))
-def _sweep(features, labels, gammas, num_steps: int, rule: str, keep_params: bool) -> Trace:
-    return jax.vmap(lambda g: _run(features, labels, g, num_steps, rule, keep_params))(gammas)
+@functools.partial(jax.jit, static_argnames=("num_steps", "rules", "keep_params"))
+def _sweep(features, labels, gammas, codes, num_steps: int, rules: tuple[str, ...],
+           keep_params: bool) -> Trace:
+    return jax.vmap(lambda g, c: _run(features, labels, g, c, num_steps, rules, keep_params))(
+        gammas, codes)
 
 
 def sweep(features: jax.Array, labels: jax.Array, gammas: jax.Array, num_steps: int, *,
-          rule: str = "constant", keep_params: bool = True) -> Trace:
-    """:func:`run` for every step size of ``gammas (G,)``, as one ``jax.vmap``.
+          rule: str | Sequence[str] = "constant", keep_params: bool = True) -> Trace:
+    """:func:`run` for every step size of ``gammas (G,)``, as one compiled ``jax.vmap``.
+
+    ``rule`` is one of :data:`RULES` or a sequence of ``G`` of them (one per step size), so
+    LR+GD and Normalized LR+GD share one compiled sweep (all rules used are then evaluated at
+    every step and the right one selected).
 
     Returns:
       :class:`Trace` with a leading axis ``G`` (``params (G, T+1, d)``, metrics ``(G, T+1)``).
@@ -187,12 +206,12 @@ def sweep(features: jax.Array, labels: jax.Array, gammas: jax.Array, num_steps: 
     labels = jnp.asarray(labels, dtype=features.dtype)
     _check_data(features, labels)
     check_gamma(gammas)
-    if rule not in RULES:
-        raise ValueError(f"rule={rule!r} is not valid. Valid choices: {', '.join(RULES)}.")
+    gammas = np.asarray(gammas, np.float64).reshape(-1)
+    rules, codes = _rules(rule, gammas.size)
     if int(num_steps) < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-    gammas = jnp.asarray(gammas, features.dtype).reshape(-1)
-    return _sweep(features, labels, gammas, int(num_steps), rule, keep_params)
+    return _sweep(features, labels, jnp.asarray(gammas, features.dtype), jnp.asarray(codes),
+                  int(num_steps), rules, keep_params)
 
 
 def iterations_to_separate(separated) -> np.ndarray:

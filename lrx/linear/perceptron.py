@@ -62,36 +62,36 @@ class PerceptronResult(NamedTuple):
 
 
 def batch_step(theta: jax.Array, features: jax.Array, labels: jax.Array, *,
-               normalized: bool = False, first: bool = False) -> jax.Array:
+               normalized: bool | jax.Array = False, first: bool | jax.Array = False
+               ) -> jax.Array:
     """One Batch Perceptron step: ``theta + c * sum_{i in S} y_i a_i`` -> ``(d,)``.
 
     ``c = 1/n`` (times 1/2 when ``first``) or, if ``normalized``, ``1/|S|`` (0 when S is empty).
-    ``theta (d,)``, ``features (n, d)``, ``labels (n,)``.
+    ``theta (d,)``, ``features (n, d)``, ``labels (n,)``; the flags may be traced booleans.
     """
     n = features.shape[0]
     wrong = (labels * (features @ theta) <= 0).astype(features.dtype)
     total = (wrong * labels) @ features
-    if normalized:
-        count = jnp.sum(wrong)
-        return theta + total / jnp.maximum(count, 1.0)
-    return theta + total * ((0.5 if first else 1.0) / n)
+    plain = jnp.where(first, 0.5, 1.0) / n
+    scale = jnp.where(normalized, 1.0 / jnp.maximum(jnp.sum(wrong), 1.0), plain)
+    return theta + scale.astype(features.dtype) * total
 
 
-@functools.partial(jax.jit, static_argnames=("num_steps", "normalized"))
-def _batch(features, labels, num_steps: int, normalized: bool) -> PerceptronTrace:
+def _batch_run(features, labels, normalized, num_steps: int) -> PerceptronTrace:
     def step(theta, t):
         m = labels * (features @ theta)
         wrong = jnp.sum(m <= 0)
-        new = jax.lax.cond(
-            t == 0,
-            lambda th: batch_step(th, features, labels, normalized=normalized, first=True),
-            lambda th: batch_step(th, features, labels, normalized=normalized, first=False),
-            theta)
+        new = batch_step(theta, features, labels, normalized=normalized, first=t == 0)
         return new, (theta, jnp.mean(m > 0), wrong, wrong == 0)
 
     theta0 = jnp.zeros(features.shape[1], features.dtype)
     _, outs = jax.lax.scan(step, theta0, jnp.arange(num_steps + 1))
     return PerceptronTrace(*outs)
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _batch(features, labels, flags, num_steps: int) -> PerceptronTrace:
+    return jax.vmap(lambda f: _batch_run(features, labels, f, num_steps))(flags)
 
 
 def batch_perceptron(features: jax.Array, labels: jax.Array, num_steps: int, *,
@@ -106,12 +106,25 @@ def batch_perceptron(features: jax.Array, labels: jax.Array, num_steps: int, *,
     Returns:
       :class:`PerceptronTrace` over ``t = 0..T``.
     """
+    trace = batch_perceptrons(features, labels, num_steps, normalized=(bool(normalized),))
+    return jax.tree_util.tree_map(lambda v: v[0], trace)
+
+
+def batch_perceptrons(features: jax.Array, labels: jax.Array, num_steps: int, *,
+                      normalized: tuple[bool, ...] = (False, True)) -> PerceptronTrace:
+    """Several Batch Perceptron variants in one compiled ``vmap`` (leading axis = variants).
+
+    Args:
+      normalized: one flag per variant (default: plain and normalized).
+    Returns:
+      :class:`PerceptronTrace` with a leading axis ``len(normalized)``.
+    """
     features = jnp.asarray(features)
     labels = jnp.asarray(labels, features.dtype)
     _check(features, labels)
     if int(num_steps) < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}.")
-    return _batch(features, labels, int(num_steps), bool(normalized))
+    return _batch(features, labels, jnp.asarray(normalized, bool), int(num_steps))
 
 
 @functools.partial(jax.jit, static_argnames=("max_epochs",))

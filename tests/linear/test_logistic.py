@@ -193,3 +193,16 @@ def test_bad_input_messages(data):
         logistic.sweep(np.zeros((0, 5)), np.zeros(0), [1.0], 3)
     with pytest.raises(ValueError, match="Valid choices"):
         logistic.sweep(features, labels, [1.0], 3, rule="adam")
+
+
+def test_mixed_rules_in_one_sweep(data):
+    features, labels = data
+    gammas = [0.5, 0.5, 2.0]
+    rules = ["constant", "normalized", "risk_adaptive"]
+    with jax.enable_x64(True):
+        mixed = logistic.sweep(features, labels, gammas, 8, rule=rules)
+        for g, (gamma, rule) in enumerate(zip(gammas, rules, strict=True)):
+            alone = logistic.run(features, labels, gamma, 8, rule=rule)
+            np.testing.assert_allclose(mixed.params[g], alone.params, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="one per step size"):
+        logistic.sweep(features, labels, gammas, 3, rule=rules[:2])
