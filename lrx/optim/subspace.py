@@ -33,7 +33,9 @@ smaller dimension (projector ``r·min(m, n)``, moments ``2·r·max(m, n)``); ``r
 
 Projector backends (``projector=``):
 
-* ``'svd'``: top-r singular vectors of the float32 thin SVD of the current gradient (official).
+* ``'svd'``: top-r singular vectors of the float32 thin SVD of the current gradient (official;
+  lrx fixes each vector's sign so its largest-magnitude entry is positive, which makes refreshes
+  reproducible across backends where the official code inherits LAPACK's arbitrary signs).
 * ``'randomized'``: randomized range finder (Halko, Martinsson & Tropp, "Finding structure with
   randomness", arXiv 0909.4061, Alg. 4.4 with ``power_iters`` subspace iterations),
   ``r + oversample`` Gaussian probes, then the top-r directions of the sketch from a small
@@ -191,6 +193,14 @@ def _qr(y: jax.Array) -> jax.Array:
     return jnp.linalg.qr(y)[0]
 
 
+def fix_signs(x: jax.Array) -> jax.Array:
+    """Deterministic signs for basis columns ``x (B, d, r)``: each column's largest-magnitude
+    entry is made positive (singular vectors are defined up to sign; LAPACK/XLA choices differ)."""
+    idx = jnp.argmax(jnp.abs(x), axis=-2, keepdims=True)
+    sign = jnp.sign(jnp.take_along_axis(x, idx, axis=-2))
+    return x * jnp.where(sign == 0, 1.0, sign).astype(x.dtype)
+
+
 def top_left_svd(g: jax.Array, rank: int) -> jax.Array:
     """Top-``rank`` left singular vectors ``(B, m, rank)`` of ``g (B, m, n)`` (float32 thin SVD)."""
     u, _, _ = jnp.linalg.svd(g.astype(jnp.float32), full_matrices=False)
@@ -228,7 +238,7 @@ def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int
     gram = jnp.einsum("bkn,bjn->bkj", small, small)
     _, vecs = jnp.linalg.eigh(gram)                     # ascending eigenvalues
     top = vecs[..., ::-1][..., :rank]
-    return jnp.einsum("bmk,bkr->bmr", q, top)
+    return fix_signs(jnp.einsum("bmk,bkr->bmr", q, top))
 
 
 def random_orthonormal(key: jax.Array, batch: int, dim: int, rank: int) -> jax.Array:
@@ -256,8 +266,9 @@ def compute_projector(g: jax.Array, side: str, rank: int, method: str, key: jax.
     if method == "svd":
         g32 = g.astype(jnp.float32)
         u, _, vh = jnp.linalg.svd(g32, full_matrices=False)
-        left = u[..., :rank] if side in ("left", "full") else None
-        right = jnp.swapaxes(vh[..., :rank, :], -1, -2) if side in ("right", "full") else None
+        left = fix_signs(u[..., :rank]) if side in ("left", "full") else None
+        right = (fix_signs(jnp.swapaxes(vh[..., :rank, :], -1, -2))
+                 if side in ("right", "full") else None)
     elif method == "randomized":
         def warm(x):
             return x if (warm_start and old is not None) else None
