@@ -1,0 +1,31 @@
+"""LoRA pretraining on a frozen random base (the "LoRA" baseline of GaLore, arXiv 2403.03507,
+Table 2): every attention/MLP matrix becomes W0 + (alpha / r) a @ b with W0 the model's random
+init (frozen), a Kaiming-uniform and b = 0 (lrx.param.lora); embeddings, LM head and norms train
+densely with AdamW. Rank 32 on the tiny model, alpha = rank (scale 1); the paper variants use the
+papers' ranks (128/256/256/512).
+
+    python run.py --config=configs/lora.py
+    python run.py --config=configs/lora.py:llama_60m
+    python run.py --config=configs/lora.py:rank=16,alpha=32.0,rslora=true
+    python run.py --config=configs/lora.py:smoke
+"""
+
+from experiments import lm
+
+PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
+
+
+def _paper(name):
+    def apply(c):
+        lm.VARIANTS[name](c)
+        c.param.rank = PAPER_RANKS[name]
+    return apply
+
+
+def get_config(arg=None):
+    config = lm.defaults()
+    config.optimizer = lm.optimizer_defaults("adamw")
+    config.param.method = "lora"
+    config.param.rank = 32
+    variants = {**lm.VARIANTS, **{name: _paper(name) for name in PAPER_RANKS}}
+    return lm.apply_arg(config, arg, variants)

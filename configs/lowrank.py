@@ -1,0 +1,31 @@
+"""Low-rank pretraining from scratch, W = U V on every attention/MLP matrix (the "Low-Rank"
+baseline of GaLore, arXiv 2403.03507, Table 2, and SLTrain, arXiv 2406.02214, Table 1), with AdamW.
+U, V start from the spectral split of the model's own dense init (lrx.param.lowrank); embeddings,
+LM head and norms stay dense. Rank 32 on the tiny model (a quarter of the hidden size, the papers'
+128/512 ratio for LLaMA-60M); the paper variants use the papers' ranks (128/256/256/512).
+
+    python run.py --config=configs/lowrank.py
+    python run.py --config=configs/lowrank.py:llama_60m
+    python run.py --config=configs/lowrank.py:rank=16,init=kaiming
+    python run.py --config=configs/lowrank.py:smoke
+"""
+
+from experiments import lm
+
+PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
+
+
+def _paper(name):
+    def apply(c):
+        lm.VARIANTS[name](c)
+        c.param.rank = PAPER_RANKS[name]
+    return apply
+
+
+def get_config(arg=None):
+    config = lm.defaults()
+    config.optimizer = lm.optimizer_defaults("adamw")
+    config.param.method = "lowrank"
+    config.param.rank = 32
+    variants = {**lm.VARIANTS, **{name: _paper(name) for name in PAPER_RANKS}}
+    return lm.apply_arg(config, arg, variants)
