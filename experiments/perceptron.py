@@ -148,7 +148,7 @@ def _dataset_rows(name, ds, gammas, normalized_gammas, limit_gammas, num_steps, 
 
 
 def _fig1(plt, trace, batch, gammas, title):
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     steps = np.arange(trace.loss.shape[1])
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(gammas)))
     for g, gamma in enumerate(gammas):
@@ -165,6 +165,7 @@ def _fig1(plt, trace, batch, gammas, title):
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
     return fig
 
 
