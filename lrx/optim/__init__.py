@@ -15,8 +15,10 @@ from lrx.optim.lowrank import (
     MOMENTS,
     RESIDUALS,
     STATE_FREE,
+    STATIC_ARGS,
     SUBSPACES,
     LowRankState,
+    inject_hyperparams,
     learning_rate_then_decay,
 )
 from lrx.optim.masks import ATTN_MLP, path_labels, path_mask, path_name, path_names
@@ -36,7 +38,8 @@ __all__ = [
     "ATTN_MLP", "BLOCK_ORDERS", "MOMENTS", "PROJECTORS", "PROJ_TYPES", "RESIDUALS", "STATE_FREE",
     "SUBSPACES", "DimensionNumbers", "LowRankState", "Projector", "ScaleByFiraState",
     "ScaleByFrugalState", "ScaleByGaloreState", "fira", "frugal", "galore", "galore_state_size",
-    "learning_rate_then_decay", "path_labels", "path_mask", "path_name", "path_names",
+    "STATIC_ARGS", "inject_hyperparams", "learning_rate_then_decay", "path_labels", "path_mask",
+    "path_name", "path_names",
     "randomized_range", "resolve_side", "scale_by_fira", "scale_by_frugal", "scale_by_galore",
     "top_left_svd", "tree_bytes",
 ]

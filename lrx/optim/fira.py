@@ -54,13 +54,18 @@ def scale_by_fira(rank: int = 128, *, update_proj_gap: int = 200, scale: float =
 
 def fira(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap: int = 200,
          scale: float = 0.25, proj_type: str = "std", gamma: float = 1.01,
-         residual: str = "official", projector: str = "svd", b1: float = 0.9, b2: float = 0.999,
-         eps: float = 1e-6, weight_decay: float = 0.0, mask: Any = None,
-         weight_decay_mask: Any = None, **kwargs: Any) -> optax.GradientTransformation:
+         residual: str = "official", projector: str = "svd", moments: str = "keep",
+         b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0,
+         mask: Any = None, weight_decay_mask: Any = None, dimension_numbers: Any = None,
+         oversample: int = 8, power_iters: int = 1, warm_start: bool = False,
+         projector_dtype: Any = jnp.float32, moment_dtype: Any = None,
+         seed: int = 0) -> optax.GradientTransformation:
     """Fira-AdamW: :func:`scale_by_fira`, then ``-learning_rate`` (float or schedule) and
     decoupled weight decay after the update (official order)."""
     return optax.chain(
         scale_by_fira(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-                      projector=projector, gamma=gamma, residual=residual, b1=b1, b2=b2, eps=eps,
-                      mask=mask, **kwargs),
+                      projector=projector, moments=moments, gamma=gamma, residual=residual,
+                      b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
+                      oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+                      projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed),
         lowrank.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))

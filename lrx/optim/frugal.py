@@ -76,15 +76,20 @@ def scale_by_frugal(density: float = 0.25, *, update_proj_gap: int = 200, subspa
 
 def frugal(learning_rate: float | Callable, *, density: float = 0.25, update_proj_gap: int = 200,
            subspace: str = "svd", state_free: str = "signsgd", state_free_lr_scale: float = 1.0,
-           reset_on_refresh: bool = True, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
-           weight_decay: float = 0.0, mask: Any = None, weight_decay_mask: Any = None,
-           **kwargs: Any) -> optax.GradientTransformation:
+           reset_on_refresh: bool = True, proj_type: str = "std",
+           proj_params_lr_scale: float = 1.0, block_order: str = "random", b1: float = 0.9,
+           b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0, mask: Any = None,
+           weight_decay_mask: Any = None, dimension_numbers: Any = None,
+           projector_dtype: Any = jnp.float32, moment_dtype: Any = None,
+           seed: int = 0) -> optax.GradientTransformation:
     """FRUGAL-AdamW: :func:`scale_by_frugal`, decoupled weight decay on the pre-update weight
     (the official order), then ``-learning_rate`` (float or schedule)."""
     return optax.chain(
         scale_by_frugal(density, update_proj_gap=update_proj_gap, subspace=subspace,
                         state_free=state_free, state_free_lr_scale=state_free_lr_scale,
-                        reset_on_refresh=reset_on_refresh, b1=b1, b2=b2, eps=eps, mask=mask,
-                        **kwargs),
+                        reset_on_refresh=reset_on_refresh, proj_type=proj_type,
+                        proj_params_lr_scale=proj_params_lr_scale, block_order=block_order,
+                        b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
+                        projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))

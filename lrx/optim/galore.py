@@ -84,13 +84,18 @@ def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap:
            scale: float = 0.25, proj_type: str = "std", projector: str = "svd",
            moments: str = "keep", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
            weight_decay: float = 0.0, mask: Any = None, weight_decay_mask: Any = None,
-           **kwargs: Any) -> optax.GradientTransformation:
+           base_optimizer: optax.GradientTransformation | None = None,
+           dimension_numbers: Any = None, oversample: int = 8, power_iters: int = 1,
+           warm_start: bool = False, projector_dtype: Any = jnp.float32,
+           moment_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
     """GaLore-AdamW as in the official code: :func:`scale_by_galore`, then ``-learning_rate``
     (a float or an optax schedule) and decoupled weight decay applied after the update.
 
     ``mask`` selects the projected leaves (the rest get full-rank AdamW with the same lr);
-    ``weight_decay_mask`` selects the decayed leaves (default: all). Other keyword arguments go
-    to :func:`scale_by_galore` (``base_optimizer``, ``dimension_numbers``, ``oversample``, ...).
+    ``weight_decay_mask`` selects the decayed leaves (default: all). The other arguments are
+    those of :func:`scale_by_galore`. Works with ``optax.inject_hyperparams`` (learning_rate,
+    scale, b1, b2, eps, weight_decay; keep ``rank`` and ``update_proj_gap`` static, e.g. with
+    ``functools.partial``).
 
     Example::
 
@@ -100,5 +105,7 @@ def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap:
     return optax.chain(
         scale_by_galore(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
                         projector=projector, moments=moments, b1=b1, b2=b2, eps=eps, mask=mask,
-                        **kwargs),
+                        base_optimizer=base_optimizer, dimension_numbers=dimension_numbers,
+                        oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+                        projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed),
         lowrank.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))

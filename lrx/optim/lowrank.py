@@ -112,7 +112,9 @@ def validate(s: Settings) -> None:
     sub.check_choice(s.method, ("galore", "frugal", "fira"), "method")
     if s.method in ("galore", "fira"):
         if not isinstance(s.rank, int) or isinstance(s.rank, bool) or s.rank <= 0:
-            raise ValueError(f"rank must be a positive int, got {s.rank!r}")
+            raise ValueError(f"rank must be a positive Python int, got {s.rank!r} (under "
+                             "optax.inject_hyperparams use lrx.optim.inject_hyperparams, which "
+                             "keeps shape-defining arguments static)")
         sub.check_choice(s.projector, sub.PROJECTORS, "projector")
     else:
         if not _is_number(s.density) or not 0.0 <= s.density <= 1.0:
@@ -510,6 +512,25 @@ def _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state, mcoun
     return treedef.unflatten(out), new_state
 
 
+# Arguments that define shapes, dtypes or leaf selection: never injected as traced arrays.
+STATIC_ARGS = ("rank", "density", "update_proj_gap", "oversample", "power_iters", "seed", "mask",
+               "weight_decay_mask", "dimension_numbers", "base_optimizer", "projector_dtype",
+               "moment_dtype")
+
+
+def inject_hyperparams(factory: Callable, static_args: tuple[str, ...] = (),
+                       hyperparam_dtype: Any = None) -> Callable:
+    """``optax.inject_hyperparams`` for lrx factories: :data:`STATIC_ARGS` (rank, masks, dtypes,
+    ...) stay static, numeric ones (learning_rate, scale, b1, b2, eps, weight_decay, ...) become
+    state hyperparameters. Example: ``inject_hyperparams(galore)(learning_rate=0.01, rank=64)``."""
+    import inspect
+
+    names = set(inspect.signature(factory).parameters)
+    static = tuple(a for a in (*STATIC_ARGS, *static_args) if a in names)
+    return optax.inject_hyperparams(factory, static_args=static,
+                                    hyperparam_dtype=hyperparam_dtype)
+
+
 def learning_rate_then_decay(learning_rate: float | Callable, weight_decay: float = 0.0,
                              mask: Any = None) -> optax.GradientTransformation:
     """``Δ = -lr·u`` then GaLore/Fira's decoupled weight decay on the *updated* weight:
@@ -548,4 +569,5 @@ def matrices_count(plans_: list[Plan]) -> int:
 
 
 __all__ = ["LowRankState", "Settings", "Plan", "make", "plans", "learning_rate_then_decay",
+           "inject_hyperparams", "STATIC_ARGS",
            "matrices_count"]
