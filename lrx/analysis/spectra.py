@@ -509,22 +509,28 @@ def path_str(path: Sequence[Any]) -> str:
 
 def layer_metrics(tree: Any, metrics: Sequence[str], paths_regex: str | None = None, *,
                   rank: int = 8, energy_fraction: float = 0.9, method: str = "exact",
-                  k: int | None = None, key: jax.Array | None = None) -> dict[str, float]:
+                  k: int | None = None, key: jax.Array | None = None,
+                  group_by_shape: bool = True) -> dict[str, float]:
     """Spectral metrics of every matrix leaf of a params / grads / updates pytree.
 
     Every leaf with 2 axes ``(m, n)`` gives ``'{path}/{metric}'``; every leaf with 3 axes
     ``(L, m, n)`` (stacked / scanned layers) gives ``'{path}[{i}]/{metric}'`` for ``i < L``. Other
-    leaves are skipped. One SVD per leaf, jit-compiled once per shape.
+    leaves are skipped. Leaves of equal matrix shape are stacked and go through one batched SVD
+    (one compiled program per shape: a transformer has about three), unless ``group_by_shape`` is
+    False (then one SVD per leaf and no stacked copy of the matrices in memory).
 
     Args:
       tree: a pytree of arrays (e.g. ``state.params`` or the gradients).
       metrics: names from :data:`METRICS`.
-      paths_regex: keep only leaves whose ``'a/b/c'`` path matches (``re.search``).
+      paths_regex: keep only leaves whose ``'a/b/c'`` path matches (``re.search``; anchor it with
+        ``^...$`` for a full match).
       rank, energy_fraction: see :func:`spectrum_metrics`.
-      method, k, key: see :func:`singular_values`; ``'randomized'`` folds the leaf index into
+      method, k, key: see :func:`singular_values`; ``'randomized'`` folds the group index into
         ``key``.
+      group_by_shape: batch equal-shaped matrices into one SVD call.
     Returns:
-      ``{name: float}``, or ``{name: array}`` when called under a jax transformation.
+      ``{name: float}`` in tree order, or ``{name: array}`` when called under a jax
+      transformation.
     """
     _check_metrics(metrics)
     if method not in SVD_METHODS:
@@ -533,27 +539,42 @@ def layer_metrics(tree: Any, metrics: Sequence[str], paths_regex: str | None = N
         raise ValueError("method='randomized' needs both k and key")
     pattern = re.compile(paths_regex) if paths_regex is not None else None
     metrics = tuple(metrics)
-    out: dict[str, Any] = {}
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    for index, (path, leaf) in enumerate(leaves):
+    # (names of the matrices, leaf) for every selected leaf, in tree order.
+    selected: list[tuple[list[str], Any]] = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not hasattr(leaf, "ndim") or leaf.ndim not in (2, 3):
             continue
         name = path_str(path)
         if pattern is not None and not pattern.search(name):
             continue
-        leaf_k = None if k is None else min(k, *leaf.shape[-2:])
-        leaf_key = None if key is None else jax.random.fold_in(key, index)
-        values = _matrix_metrics_jit(leaf, metrics, rank=rank, energy_fraction=energy_fraction,
-                                     method=method, k=leaf_k, key=leaf_key)
+        names = [name] if leaf.ndim == 2 else [f"{name}[{i}]" for i in range(leaf.shape[0])]
+        selected.append((names, leaf))
+    groups: dict[Any, list[int]] = {}
+    for index, (_, leaf) in enumerate(selected):
+        group = (tuple(leaf.shape[-2:]), jnp.dtype(leaf.dtype)) if group_by_shape else index
+        groups.setdefault(group, []).append(index)
+    values_by_name: dict[str, dict[str, Any]] = {}
+    for group_index, members in enumerate(groups.values()):
+        mats = [selected[i][1].reshape((-1, *selected[i][1].shape[-2:])) for i in members]
+        stacked = mats[0] if len(mats) == 1 else jnp.concatenate(mats, axis=0)
+        shape = stacked.shape[-2:]
+        group_k = None if k is None else min(k, *shape)
+        group_key = None if key is None else jax.random.fold_in(key, group_index)
+        values = _matrix_metrics_jit(stacked, metrics, rank=rank,
+                                     energy_fraction=energy_fraction, method=method, k=group_k,
+                                     key=group_key)
         traced = any(isinstance(v, jax.core.Tracer) for v in values.values())
         if not traced:
             values = {m: np.asarray(v) for m, v in values.items()}
-        for metric, value in values.items():
-            if leaf.ndim == 2:
-                out[f"{name}/{metric}"] = value if traced else float(value)
-            else:
-                for i in range(leaf.shape[0]):
-                    out[f"{name}[{i}]/{metric}"] = value[i] if traced else float(value[i])
+        names = [n for i in members for n in selected[i][0]]
+        for row, name in enumerate(names):
+            values_by_name[name] = {m: (v[row] if traced else float(v[row]))
+                                    for m, v in values.items()}
+    out: dict[str, Any] = {}
+    for names, _ in selected:
+        for name in names:
+            for metric in metrics:
+                out[f"{name}/{metric}"] = values_by_name[name][metric]
     return out
 
 

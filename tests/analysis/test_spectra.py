@@ -331,3 +331,16 @@ def test_truncate_rank_is_the_eckart_young_approximation():
     per_matrix = spectra.truncate_rank(jnp.asarray(x, jnp.float32), jnp.asarray([0, 6]))
     np.testing.assert_allclose(per_matrix[0], 0.0, atol=1e-6)
     np.testing.assert_allclose(per_matrix[1], x[1], atol=1e-5)
+
+
+def test_layer_metrics_grouped_equals_per_leaf():
+    rng = np.random.default_rng(16)
+    tree = {f"l{i}": {"a": jnp.asarray(rng.standard_normal((6, 4)), jnp.float32),
+                      "b": jnp.asarray(rng.standard_normal((4, 9)), jnp.float32)}
+            for i in range(3)}
+    tree["stack"] = jnp.asarray(rng.standard_normal((2, 6, 4)), jnp.float32)
+    grouped = spectra.layer_metrics(tree, ["effective_rank", "rank_at_energy"])
+    single = spectra.layer_metrics(tree, ["effective_rank", "rank_at_energy"],
+                                   group_by_shape=False)
+    assert list(grouped) == list(single) and len(grouped) == 2 * 8
+    np.testing.assert_allclose(list(grouped.values()), list(single.values()), rtol=1e-5)
