@@ -37,6 +37,12 @@ def get_config(arg=None):
         "num_steps": 2000,
     })
     config.classical_max_epochs = 2000
+    # Wu, Bartlett, Telgarsky & Yu (COLT 2024): gamma = c * T for a budget of T steps (digits).
+    config.budget = ml_collections.ConfigDict({
+        "steps": (100, 200, 400, 800, 1600, 3200),
+        "scales": (0.01, 0.1, 1.0),
+        "baseline_gamma": 1.0,
+    })
 
     tokens = [t for t in (arg or "").split(",") if t]
     for token in tokens:
@@ -50,6 +56,8 @@ def get_config(arg=None):
             config.worst_case.sizes = (10, 30)
             config.worst_case.num_steps = 200
             config.classical_max_epochs = 200
+            config.budget.steps = (10, 20, 40)
+            config.budget.scales = (1.0,)
         if token == "float32":
             config.dtype = "float32"
     return config

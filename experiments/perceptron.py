@@ -15,8 +15,13 @@ fits on a CPU is checked and reported here:
   * Table 1 (worst-case rows) next to the paper's numbers, plus the same table on digits and on
     planted synthetic data; Fig. 1 analogue (accuracy, loss, gradient norm vs iteration).
 
+Optional companion (Wu, Bartlett, Telgarsky & Yu, COLT 2024): LR+GD with a budget-dependent
+constant step ``gamma = c T``; the loss after ``T`` steps against ``T`` (log-log slope; their
+bound is O~(1/T^2), versus O~(1/T) for a fixed small gamma).
+
 Outputs in the workdir: ``fig1_digits.png``, ``fig1_synthetic.png``, ``worst_case_n.png``,
-``table1.md``, ``thm32.md``, ``thm41.md``, ``bounds.md``, ``worst_case_n.md``, ``summary.json``.
+``budget.png``, ``table1.md``, ``thm32.md``, ``thm41.md``, ``bounds.md``, ``worst_case_n.md``,
+``budget.md``, ``summary.json``.
 The math lives in :mod:`lrx.linear.logistic`, :mod:`lrx.linear.perceptron` and
 :mod:`lrx.data.separable`.
 """
@@ -48,6 +53,7 @@ _SCHEMA = {
     "worst_case": {"n": 2, "sizes": (2,), "normalized_gammas": (1.0,), "gammas": (1.0,),
                    "num_steps": 1},
     "classical_max_epochs": 1,
+    "budget": {"steps": (1,), "scales": (1.0,), "baseline_gamma": 1.0},
 }
 
 
@@ -76,6 +82,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_int(config.num_steps, "num_steps", 1)
     _check_int(config.worst_case.num_steps, "worst_case.num_steps", 1)
     _check_int(config.classical_max_epochs, "classical_max_epochs", 1)
+    _check_gammas(config.budget.scales, "budget.scales")
+    common.check_positive(config.budget.baseline_gamma, "budget.baseline_gamma")
+    if not config.budget.steps:
+        raise common.ConfigError("config.budget.steps must be a non-empty tuple of budgets T >= 1.")
+    for i, t in enumerate(config.budget.steps):
+        _check_int(t, f"budget.steps[{i}]", 1)
     for key in ("positive", "negative"):
         common.check_choice(config.digits[key], tuple(range(10)), f"digits.{key}")
     if config.digits.positive == config.digits.negative:
@@ -326,15 +338,53 @@ def _run(config, workdir, dtype) -> dict:
             plain.loss[big, t10] >= np.max(plain.loss[:, t10]) and its[big] >= 0
             and all(i < 0 or its[big] <= i for i in its))
 
+    # ---- Wu, Bartlett, Telgarsky & Yu (COLT 2024): gamma = c T for a budget of T steps --------
+    budget = _budget_study(plt, config.budget, digits, dtype, workdir, checks)
+
     summary = {"checks": checks,
                "table1": [{k: v for k, v in r.items() if not k.startswith("_")} for r in table],
                "thm32": thm32, "thm41": thm41, "bounds": bounds, "worst_case_n": growth,
-               "dtype": config.dtype}
+               "budget": budget, "dtype": config.dtype}
     common.write_summary(workdir, summary)
     return {"checks": checks}
 
 
 _LOSS_AT = (1, 10, 100)
+
+
+def _budget_study(plt, cfg, ds, dtype, workdir, checks) -> list[dict]:
+    """Loss after T steps of LR+GD with gamma = c * T (one sweep over all (c, T) pairs plus a
+    constant-gamma baseline); log-log slopes of the final loss against T."""
+    steps = np.asarray(cfg.steps, np.int64)
+    scales = np.asarray(cfg.scales, np.float64)
+    gammas = np.concatenate([np.outer(scales, steps).reshape(-1), [cfg.baseline_gamma]])
+    trace = _np(logistic.sweep(np.asarray(ds.features, dtype), np.asarray(ds.labels, dtype),
+                               gammas, int(steps.max()), keep_params=False))
+    rows, curves = [], {}
+    for k, c in enumerate(scales):
+        losses = [float(trace.loss[k * len(steps) + j, t]) for j, t in enumerate(steps)]
+        curves[f"gamma = {c:g} T"] = losses
+    curves[f"gamma = {cfg.baseline_gamma:g} (constant)"] = [float(trace.loss[-1, t])
+                                                            for t in steps]
+    for label, losses in curves.items():
+        ok = [(t, v) for t, v in zip(steps, losses, strict=True) if v > 0]
+        slope = (float(np.polyfit(np.log([t for t, _ in ok]), np.log([v for _, v in ok]), 1)[0])
+                 if len(ok) > 1 else math.nan)
+        rows.append({"step size": label, **{f"T={t}": v for t, v in zip(steps, losses,
+                                                                           strict=True)},
+                     "log-log slope": slope})
+    checks["budget_slopes"] = {r["step size"]: r["log-log slope"] for r in rows}
+    common.write_table(workdir, "budget", rows, digits=3, title=f"Loss f(theta_T) after T steps, "
+                       f"{ds.name} (Wu et al. COLT 2024: gamma = Theta(T) gives O~(1/T^2))")
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for label, losses in curves.items():
+        ax.loglog(steps, np.maximum(losses, 1e-300), "o-", label=label)
+    ax.set_xlabel("budget T")
+    ax.set_ylabel("f(theta_T)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    common.savefig(fig, workdir, "budget")
+    return rows
 
 
 def _np(tree):
