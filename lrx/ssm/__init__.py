@@ -9,6 +9,7 @@ Initialization of Diagonal State Space Models", arXiv 2206.11893.
   by the generating function + Woodbury + one shared Cauchy matrix (Alg. 1), naive powering, S4D
   Vandermonde kernels.
 * :mod:`lrx.ssm.recurrent` -- the O(n) DPLR step (App. C.2) and the diagonal step.
+* :mod:`lrx.ssm.reference` -- float64 NumPy powering references (for reports and benchmarks).
 """
 
 from lrx.ssm.hippo import INITS, hippo_legs, legs_dplr, legs_low_rank, s4d_init
@@ -35,11 +36,12 @@ from lrx.ssm.recurrent import (
     scan,
     step,
 )
+from lrx.ssm.reference import ctilde_f64, dense_bilinear_f64, power_kernel_f64
 
 __all__ = [
     "DISCRETIZATIONS", "INITS", "DPLRStep", "DiagStep", "c_from_ctilde", "ctilde",
     "diag_step_params", "discretize_bilinear", "discretize_diag", "dplr_kernel",
     "dplr_kernel_separate", "dplr_matrix", "dplr_step_params", "expand_conj", "hippo_legs",
     "init_state", "krylov_kernel", "legs_dplr", "legs_low_rank", "recover_c", "s4d_init",
-    "s4d_kernel", "scan", "step",
+    "s4d_kernel", "scan", "step", "ctilde_f64", "dense_bilinear_f64", "power_kernel_f64",
 ]

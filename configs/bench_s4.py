@@ -1,0 +1,43 @@
+"""S4 kernel study: correctness vs float64 and timing/memory of naive powering, four separate Cauchy
+sums, the shared Cauchy matrix (plain and chunked) and S4D (experiments/bench_s4.py).
+
+    python run.py --config=configs/bench_s4.py            # N=64, H in {1, 64}, L in {1k, 4k, 16k}
+    python run.py --config=configs/bench_s4.py:smoke      # seconds
+    python run.py --config=configs/bench_s4.py:quick      # L in {1k, 4k}, 1 repeat
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "quick")
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "bench_s4"
+    c.seed = 0
+    c.N = 64
+    c.hs = (1, 64)
+    c.lengths = (1024, 4096, 16384)
+    c.variants = ("naive", "separate_full", "separate_half", "shared", "shared_chunked", "s4d")
+    c.chunk_size = 1024
+    c.repeats = 3
+    c.target_speedup = 8.0
+    c.correctness = ml_collections.ConfigDict(dict(
+        steps=(0.001, 0.01, 0.1), lengths=(1024, 4096, 16384), recurrence_length=4096))
+    for token in [t for t in (arg or "").split(",") if t]:
+        if token not in VARIANTS:
+            raise ValueError(f"unknown variant {token!r} for configs/bench_s4.py; valid: "
+                             f"{', '.join(VARIANTS)}")
+        if token == "smoke":
+            c.N = 16
+            c.hs = (2,)
+            c.lengths = (128,)
+            c.variants = ("naive", "shared", "shared_chunked")
+            c.chunk_size = 16
+            c.repeats = 1
+            c.correctness.update(steps=(0.01,), lengths=(128,), recurrence_length=128)
+        elif token == "quick":
+            c.lengths = (1024, 4096)
+            c.repeats = 1
+            c.correctness.update(lengths=(1024, 4096))
+    return c

@@ -1,0 +1,48 @@
+"""S4 long-range study: S4 (DPLR-LegS) vs S4D-LegS vs random diagonal on the adding problem and
+sequential digits (experiments/s4.py).
+
+    python run.py --config=configs/s4.py                 # defaults, <= 15 min on 2 CPU cores
+    python run.py --config=configs/s4.py:smoke           # seconds
+    python run.py --config=configs/s4.py:long            # adding at L=4096, digits at L=1024
+    python run.py --config=configs/s4.py:all_inits       # + S4D-Lin and S4D-Inv
+    python run.py --config=configs/s4.py --config.adding.length=2048
+"""
+
+import ml_collections
+
+VARIANTS = ("smoke", "long", "all_inits")
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "s4"
+    c.seed = 0
+    c.tasks = ("adding", "digits")
+    c.models = ("s4-legs", "s4d-legs", "s4d-random")
+    c.model = ml_collections.ConfigDict(dict(
+        d_model=32, n_layers=2, d_state=64, prenorm=False, activation="glu", chunk_size=0,
+        dt_min=1e-3, dt_max=1e-1))
+    c.optim = ml_collections.ConfigDict(dict(
+        learning_rate=4e-3, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
+    c.adding = ml_collections.ConfigDict(dict(length=512, steps=800, batch_size=32,
+                                              eval_size=512, log_every=50))
+    c.digits = ml_collections.ConfigDict(dict(upsample=2, steps=600, batch_size=32,
+                                              log_every=50))
+    for token in [t for t in (arg or "").split(",") if t]:
+        if token not in VARIANTS:
+            raise ValueError(f"unknown variant {token!r} for configs/s4.py; valid: "
+                             f"{', '.join(VARIANTS)}")
+        if token == "smoke":
+            c.tasks = ("adding",)
+            c.models = ("s4-legs", "s4d-legs")
+            c.model.update(d_model=8, n_layers=1, d_state=16)
+            c.adding.update(length=64, steps=2, batch_size=4, eval_size=16, log_every=2)
+            c.digits.update(upsample=1, steps=2, batch_size=4, log_every=2)
+        elif token == "long":
+            c.adding.length = 4096
+            c.adding.steps = 1500
+            c.digits.upsample = 4
+            c.model.chunk_size = 512
+        elif token == "all_inits":
+            c.models = ("s4-legs", "s4d-legs", "s4d-lin", "s4d-inv", "s4d-random")
+    return c
