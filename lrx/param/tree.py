@@ -158,7 +158,8 @@ def _size_bytes(x: Any) -> tuple[int, int]:
 def count(params: PyTree) -> dict[str, int]:
     """Parameter counts: ``{'trainable', 'frozen', 'trainable_bytes', 'frozen_bytes',
     'generated'}``; ``generated`` counts random-basis entries regenerated from seeds (stored
-    nowhere). Dense leaves count as trainable."""
+    nowhere; bases shared by several layers, as in VeRA and RandLoRA, count once per layer that
+    regenerates them). Dense leaves count as trainable."""
     out = dict(trainable=0, frozen=0, trainable_bytes=0, frozen_bytes=0, generated=0)
     for x in jax.tree.leaves(params, is_leaf=is_node):
         if is_node(x):
