@@ -6,7 +6,7 @@ papers' ranks (128/256/256/512).
 
     python run.py --config=configs/lora.py
     python run.py --config=configs/lora.py:llama_60m
-    python run.py --config=configs/lora.py:rank=16,alpha=32.0,rslora=true
+    python run.py --config=configs/lora.py:param.rank=16,param.alpha=32.0,param.rslora=true
     python run.py --config=configs/lora.py:smoke
 """
 

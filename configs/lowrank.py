@@ -6,7 +6,7 @@ LM head and norms stay dense. Rank 32 on the tiny model (a quarter of the hidden
 
     python run.py --config=configs/lowrank.py
     python run.py --config=configs/lowrank.py:llama_60m
-    python run.py --config=configs/lowrank.py:rank=16,init=kaiming
+    python run.py --config=configs/lowrank.py:param.rank=16,param.init=kaiming
     python run.py --config=configs/lowrank.py:smoke
 """
 

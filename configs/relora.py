@@ -11,7 +11,7 @@ magnitude-pruned) reset of the adapters' optimizer moments.
 
     python run.py --config=configs/relora.py
     python run.py --config=configs/relora.py:llama_60m
-    python run.py --config=configs/relora.py:relora_every=100
+    python run.py --config=configs/relora.py:param.relora_every=100
     python run.py --config=configs/relora.py:smoke
 """
 

@@ -7,7 +7,7 @@ at lr 3e-3 (the official scripts). The official LLaMA-60M script uses r = 128, a
 
     python run.py --config=configs/sltrain.py
     python run.py --config=configs/sltrain.py:llama_60m
-    python run.py --config=configs/sltrain.py:density=0.05
+    python run.py --config=configs/sltrain.py:param.density=0.05
     python run.py --config=configs/sltrain.py:smoke
 """
 
