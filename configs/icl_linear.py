@@ -1,0 +1,81 @@
+"""In-context linear regression (Akyürek et al., arXiv 2211.15661; von Oswald et al., 2212.07677).
+
+    python run.py --config=configs/icl_linear.py              # Fig. 1 analogue, noiseless (CPU)
+    python run.py --config=configs/icl_linear.py:noise        # Fig. 2: noise sweep -> ridge lambda
+    python run.py --config=configs/icl_linear.py:depth        # Fig. 3: depth sweep 1, 2, 4, 8
+    python run.py --config=configs/icl_linear.py:lowrank      # GaLore / low-rank / LoRA attention
+    python run.py --config=configs/icl_linear.py:paper        # paper scale (accelerator)
+    python run.py --config=configs/icl_linear.py:smoke        # seconds
+
+Tokens combine with commas (``noise,smoke``, ``depth,paper``). ``paper``: d = 8, 40 pairs,
+16 layers, hidden 512, 4 heads, batch 64, Adam lr 1e-4, 500k steps, warm-up 1/5 then cosine.
+"""
+
+import ml_collections
+
+TOKENS = ("noise", "depth", "lowrank", "paper", "smoke")
+
+
+def get_config(arg=None):
+    c = ml_collections.ConfigDict()
+    c.experiment = "icl_linear"
+    c.study = "fig1"
+    c.seed = 0
+    c.data = ml_collections.ConfigDict(dict(dim=4, num_pairs=8, noise_std=0.0, weight_std=1.0))
+    c.model = ml_collections.ConfigDict(dict(num_layers=3, hidden_size=64, num_heads=4,
+                                             mlp_ratio=4))
+    c.train = ml_collections.ConfigDict(dict(
+        steps=12000, batch_size=64, learning_rate=1e-3, warmup_fraction=0.1, b1=0.9, b2=0.999,
+        eps=1e-8, weight_decay=0.0, grad_clip=1.0, log_every=1000))
+    c.eval = ml_collections.ConfigDict(dict(
+        num_prompts=2000, tune_prompts=2000, probe_prompts=128, num_probes=0, step_grid=48,
+        ridge_lambdas=(0.1, 0.5), gd_steps=3, knn_neighbors=3))
+    c.sweep = ml_collections.ConfigDict(dict(
+        noise=((0.0, 1.0), (0.25, 1.0), (0.5, 1.0), (0.5, 0.75)),
+        noise_lambdas=(0.0, 1 / 16, 1 / 9, 1 / 4, 4 / 9, 1.0),
+        depths=(1, 2, 4, 8),
+        lowrank=("dense", "galore:1", "galore:4", "galore:16", "lowrank:1", "lowrank:4",
+                 "lowrank:16", "lora:1", "lora:4", "lora:16")))
+    c.lowrank = ml_collections.ConfigDict(dict(
+        target=r".*/attn/(query|key|value|out)/kernel", lora_alpha=0.0, galore_scale=1.0,
+        update_proj_gap=200, proj_type="std"))
+    c.lsa = ml_collections.ConfigDict(dict(enabled=True, steps=4000, batch_size=512,
+                                           learning_rate=1e-3))
+
+    tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
+    for t in tokens:
+        if t not in TOKENS:
+            raise ValueError(f"unknown config argument {t!r} for configs/icl_linear.py; valid "
+                             f"tokens (comma-separated): {', '.join(TOKENS)}")
+    if "noise" in tokens:
+        c.study = "noise"
+        c.lsa.enabled = False
+    if "depth" in tokens:
+        c.study = "depth"
+        c.lsa.enabled = False
+    if "lowrank" in tokens:
+        c.study = "lowrank"
+        c.lsa.enabled = False
+    if "noise" in tokens and ("depth" in tokens or "lowrank" in tokens) or (
+            "depth" in tokens and "lowrank" in tokens):
+        raise ValueError("choose one study token of: noise, depth, lowrank")
+    if "paper" in tokens:
+        c.data.update(dim=8, num_pairs=40)
+        c.model.update(num_layers=16, hidden_size=512, num_heads=4)
+        c.train.update(steps=500_000, learning_rate=1e-4, log_every=5000)
+        c.eval.update(num_prompts=4000, probe_prompts=256)
+        c.sweep.depths = (1, 2, 4, 8, 12, 16)
+        c.sweep.lowrank = ("dense", "galore:8", "galore:32", "galore:128", "lowrank:8",
+                           "lowrank:32", "lowrank:128", "lora:8", "lora:32", "lora:128")
+        c.lowrank.update_proj_gap = 500
+    if "smoke" in tokens:
+        c.data.update(dim=2, num_pairs=4)
+        c.model.update(num_layers=1, hidden_size=16, num_heads=2)
+        c.train.update(steps=4, log_every=2)
+        c.eval.update(num_prompts=16, tune_prompts=16, probe_prompts=4, step_grid=4)
+        c.sweep.noise = ((0.0, 1.0), (0.5, 1.0))
+        c.sweep.noise_lambdas = (0.0, 0.25)
+        c.sweep.depths = (1, 2)
+        c.sweep.lowrank = ("dense", "galore:1", "lowrank:1", "lora:1")
+        c.lsa.update(steps=4, batch_size=8)
+    return c
