@@ -93,10 +93,11 @@ def defaults() -> ml_collections.ConfigDict:
         method="none", include=PROJECT_ATTN_MLP, rank=32, alpha=0.0, rslora=False, init="",
         density=0.03, num_basis_a=1024, num_basis_b=1024, relora_every=0, relora_warmup=50))
     # Spectral diagnostics every `every` steps (0 = off, no cost): metrics of lrx.analysis for the
-    # gradients and/or weights of the matrices matching `paths`, logged to metrics.jsonl.
+    # gradients and/or weights of the matrices matching `paths` (energy_rank = r of top_r_energy),
+    # logged to metrics.jsonl.
     c.analysis = ml_collections.ConfigDict(dict(
         every=0, metrics=("effective_rank", "stable_rank", "top_r_energy"),
-        targets=("grads", "params"), paths=PROJECT_ATTN_MLP, rank=8))
+        targets=("grads", "params"), paths=PROJECT_ATTN_MLP, energy_rank=8))
     return c
 
 
@@ -129,6 +130,8 @@ def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
 def _set_leaf(config: ml_collections.ConfigDict, key: str, value: str) -> None:
     flat = _flatten(config)
     matches = [k for k in flat if k == key or k.endswith("." + key)]
+    if len(matches) > 1 and config.get("param", {}).get("method", "none") == "none":
+        matches = [k for k in matches if not k.startswith("param.")]  # the inactive section
     if len(matches) != 1:
         raise ConfigError(f"config argument {key}={value}: "
                           + ("ambiguous, matches " + ", ".join(matches) if matches else
@@ -268,7 +271,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
             common.check_choice(metric, METRICS, "analysis.metrics[...]")
         for target in c.analysis.targets:
             common.check_choice(target, ANALYSIS_TARGETS, "analysis.targets[...]")
-        common.check_positive(c.analysis.rank, "analysis.rank")
+        common.check_positive(c.analysis.energy_rank, "analysis.energy_rank")
     if c.train.eval_windows % dp:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
@@ -547,10 +550,10 @@ def _analysis_hook(a: ml_collections.ConfigDict, loss_fn):
         if "grads" in a.targets:
             grads = grad_fn(state.params, state.frozen, batch[0])
             out.update({f"grad/{k}": v for k, v in layer_metrics(
-                grads, a.metrics, a.paths, rank=a.rank).items()})
+                grads, a.metrics, a.paths, rank=a.energy_rank).items()})
         if "params" in a.targets:
             out.update({f"weight/{k}": v for k, v in layer_metrics(
-                state.params, a.metrics, a.paths, rank=a.rank).items()})
+                state.params, a.metrics, a.paths, rank=a.energy_rank).items()})
         return state, out
 
     return hook
