@@ -5,7 +5,8 @@ attention and MLP kernels as in GaLore's recipe) and every optimizer, one run me
 
 * ``update_ms``: best-of-``repeats`` wall time of the compiled ``update`` on a step without refresh;
 * ``refresh_ms``: the same on a refresh step (``count % update_proj_gap == 0``; the first call
-  after compilation plus ``refresh_repeats - 1`` more);
+  after compilation plus ``refresh_repeats - 1`` more); ``refresh_extra_ms`` = refresh - update,
+  the cost of the projector computation itself;
 * ``state_MB``: optimizer-state bytes for the whole model, and ``proj_state_MB`` for the projected
   matrices alone (the part the methods change);
 * ``compiled_MB`` / ``temp_MB``: XLA's memory analysis of the compiled update (arguments + outputs
@@ -177,6 +178,7 @@ def bench_updates(c: ml_collections.ConfigDict, model_name: str) -> list[dict]:
         proj_state = build_optimizer(name, c, rank, proj_mask, proj_params).init(proj_params)
         rows.append(dict(model=model_name, optimizer=name, params_M=n_params / 1e6,
                          update_ms=update_ms, refresh_ms=refresh_ms,
+                         refresh_extra_ms=max(refresh_ms - update_ms, 0.0),
                          state_MB=lo.tree_bytes(state0) / 2**20,
                          proj_state_MB=lo.tree_bytes(proj_state) / 2**20,
                          compiled_MB=compiled_mb, temp_MB=temp_mb))
@@ -257,6 +259,10 @@ def ratios(rows: list[dict]) -> list[dict]:
             "galore_randomized_reverse_std", "optax_galore", "refresh_ms", 0.2)
         add("galore svd reverse_std refresh / optax refresh", "galore_svd_reverse_std",
             "optax_galore", "refresh_ms", 1.0)
+        add("randomized reverse_std refresh overhead / optax refresh overhead",
+            "galore_randomized_reverse_std", "optax_galore", "refresh_extra_ms", 0.2)
+        add("randomized std refresh overhead / optax refresh overhead",
+            "galore_randomized_std", "optax_galore", "refresh_extra_ms", 0.2)
         add("state reverse_std / optax (whole model)", "galore_svd_reverse_std", "optax_galore",
             "state_MB", 1.0)
         add("state reverse_std / adamw (whole model)", "galore_svd_reverse_std", "adamw",

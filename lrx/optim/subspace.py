@@ -193,6 +193,19 @@ def _qr(y: jax.Array) -> jax.Array:
     return jnp.linalg.qr(y)[0]
 
 
+def _cholesky_qr(y: jax.Array) -> jax.Array:
+    """Orthonormal basis of ``y (B, d, k)`` by shifted Cholesky-QR (matmuls + a k x k Cholesky;
+    used inside power iterations, where only the span matters; the final basis uses Householder
+    QR). The shift keeps it finite for rank-deficient ``y``."""
+    gram = jnp.einsum("bdk,bdj->bkj", y, y)
+    k = gram.shape[-1]
+    shift = 1e-6 * jnp.trace(gram, axis1=-2, axis2=-1)[:, None, None] + 1e-30
+    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(k, dtype=gram.dtype))
+    # y L^{-T}: solve L X^T = y^T
+    return jnp.swapaxes(jax.lax.linalg.triangular_solve(
+        chol, jnp.swapaxes(y, -1, -2), left_side=True, lower=True), -1, -2)
+
+
 def fix_signs(x: jax.Array) -> jax.Array:
     """Deterministic signs for basis columns ``x (B, d, r)``: each column's largest-magnitude
     entry is made positive (singular vectors are defined up to sign; LAPACK/XLA choices differ)."""
@@ -230,8 +243,8 @@ def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int
         omega = jnp.concatenate([seed_cols, omega[..., r0:]], axis=-1)
     y = jnp.einsum("bmn,bnk->bmk", g, omega)
     for _ in range(power_iters):
-        q = _qr(y)
-        z = _qr(jnp.einsum("bmn,bmk->bnk", g, q))
+        q = _cholesky_qr(y)
+        z = _cholesky_qr(jnp.einsum("bmn,bmk->bnk", g, q))
         y = jnp.einsum("bmn,bnk->bmk", g, z)
     q = _qr(y)
     small = jnp.einsum("bmk,bmn->bkn", q, g)
