@@ -3,6 +3,7 @@ under AdamW / GaLore / LoRA, intruder dimensions of LoRA vs full fine-tuning, We
 
     python run.py --config=configs/spectra.py                 # defaults, ~15 min on 2 CPU cores
     python run.py --config=configs/spectra.py:quick           # ~3 min
+    python run.py --config=configs/spectra.py:small           # 4x64 model, 64-byte windows
     python run.py --config=configs/spectra.py:smoke           # seconds
     python run.py --config=configs/spectra.py:finetune.lora_ranks=1+8+32,analysis.every=10
 """
