@@ -807,6 +807,7 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
     c.data.seq_len, c.data.eval_windows = 32, 4
     c.pretrain.steps, c.pretrain.batch_size, c.pretrain.log_every = 3, 4, 1
     c.pretrain.warmup_steps, c.pretrain.eval_every = 1, 0
+    c.pretrain.methods = ("adamw", "galore")  # LoRA runs below, in the fine-tuning part
     c.galore.rank, c.galore.update_proj_gap = 4, 2
     c.lora.rank, c.lora.alpha = 4, 8.0
     c.analysis.every, c.analysis.rank = 2, 4
