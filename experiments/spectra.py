@@ -55,6 +55,7 @@ HEATMAPS = {
     "grad_top_r_energy": "top-r gradient energy",
     "weight_stable_rank": "weight stable rank",
     "projector_overlap": "top-r gradient subspace overlap with previous analysis step",
+    "galore_projector_overlap": "GaLore projector overlap across each refresh (optimizer state)",
 }
 log = logging.getLogger("lrx.spectra")
 
@@ -322,21 +323,57 @@ def _matrix_paths(params, pattern: str) -> list[str]:
             if getattr(x, "ndim", 0) == 2 and regex.fullmatch(path_str(p))]
 
 
-def _analysis_hook(setup: _Setup, to_dense, a: ml_collections.ConfigDict):
+def _projectors(opt_state) -> dict[str, Any]:
+    """``{path: (B, d, r) basis}`` of the projectors in an lrx.optim low-rank state (GaLore, Fira,
+    FRUGAL keep them in ``state.projector``, one ``Projector(left, right)`` per projected leaf)."""
+    import jax
+
+    from lrx.analysis.spectra import path_str
+
+    def is_state(x):
+        return hasattr(x, "projector") and hasattr(x, "mu")
+
+    def is_projector(x):
+        return hasattr(x, "left") and hasattr(x, "right")
+
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state):
+        if is_state(node):
+            leaves = jax.tree_util.tree_flatten_with_path(node.projector,
+                                                          is_leaf=is_projector)[0]
+            return {path_str(p): (x.left if x.left is not None else x.right)
+                    for p, x in leaves if is_projector(x)}
+    return {}
+
+
+def _analysis_hook(setup: _Setup, to_dense, a: ml_collections.ConfigDict,
+                   projector_gap: int = 0):
     """Hook ``(step, state, batch) -> (state, metrics)``: spectra of the dense-weight gradient and
-    of the dense weight every ``a.every`` steps (and after the first step)."""
+    of the dense weight every ``a.every`` steps (and after the first step); with
+    ``projector_gap`` (GaLore), also the overlap between the optimizer's projectors before and
+    after each refresh (``galore_overlap/<path>``)."""
     import jax
     import numpy as np
 
     analyse, overlap, groups = setup.analysis_functions(a)
     dense_of = to_dense if to_dense is _identity else jax.jit(to_dense)
     previous: list[Any] = []
+    previous_projectors: dict[str, Any] = {}
 
     def hook(step, state, batch):
+        out = {}
+        # The optimizer refreshes during the step whose count (= step - 1) is a multiple of gap.
+        if projector_gap and (step - 1) % projector_gap == 0:
+            # Host copies: the loop donates the state's buffers to the next step.
+            now = {k: np.array(v) for k, v in _projectors(state.opt_state).items()}
+            for path, basis in now.items():
+                if path in previous_projectors:
+                    value = np.asarray(overlap(previous_projectors[path], basis))
+                    out[f"galore_overlap/{path}"] = float(np.mean(value))
+            previous_projectors.update(now)
         if step % a.every and step != 1:
-            return state, None
+            return state, out or None
         g, w, subspaces = analyse(dense_of(state.params, state.frozen), batch[0])
-        out = {f"grad/{k}": float(v) for k, v in g.items()}
+        out.update({f"grad/{k}": float(v) for k, v in g.items()})
         out.update({f"weight/{k}": float(v) for k, v in w.items()})
         if previous:
             for group, before, now in zip(groups, previous, subspaces):
@@ -486,7 +523,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             summary["skipped"][f"pretrain/{method}"] = str(e)
             continue
         sub = os.path.join(workdir, f"pretrain_{method}")
-        hooks = [_analysis_hook(setup, to_dense, c.analysis)] if c.analysis.every else []
+        gap = c.galore.update_proj_gap if method == "galore" else 0
+        hooks = [_analysis_hook(setup, to_dense, c.analysis, gap)] if c.analysis.every else []
         log.info("part 1: pretraining with %s for %d steps", method, c.pretrain.steps)
         result = _train(setup, sub, params=p, frozen=fz, optimizer=opt, loss_fn=loss_fn,
                         tokens=setup.pretrain_tokens, batch_size=c.pretrain.batch_size,
@@ -547,6 +585,7 @@ _SERIES = {
     "grad_top_r_energy": ("grad", "top_r_energy"),
     "weight_stable_rank": ("weight", "stable_rank"),
     "projector_overlap": ("overlap", None),
+    "galore_projector_overlap": ("galore_overlap", None),
 }
 
 
@@ -574,10 +613,13 @@ def _heatmaps(workdir: str, records: dict[str, list[dict]], c) -> None:
     if not methods:
         return
     for name, (prefix, metric) in _SERIES.items():
-        fig, axes = plt.subplots(1, len(methods), figsize=(4.2 * len(methods), 7.5),
+        with_data = [m for m in methods if _series(records[m], prefix, metric)]
+        if not with_data:
+            continue
+        fig, axes = plt.subplots(1, len(with_data), figsize=(4.2 * len(with_data) + 1.5, 7.5),
                                  squeeze=False)
         grids = []
-        for method in methods:
+        for method in with_data:
             series = _series(records[method], prefix, metric)
             paths = sorted(series, key=_sort_key)
             steps = sorted({s for v in series.values() for s in v})
@@ -598,8 +640,10 @@ def _heatmaps(workdir: str, records: dict[str, list[dict]], c) -> None:
             ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
             ax.set_yticks(range(len(paths)), [_matrix_label(p) for p in paths], fontsize=5)
         fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
-        suffix = f" (r={c.analysis.rank})" if name in ("grad_top_r_energy",
-                                                       "projector_overlap") else ""
+        suffix = {"grad_top_r_energy": f" (r={c.analysis.rank})",
+                  "projector_overlap": f" (r={c.analysis.rank})",
+                  "galore_projector_overlap": f" (r={c.galore.rank}, gap "
+                                              f"{c.galore.update_proj_gap})"}.get(name, "")
         fig.suptitle(HEATMAPS[name] + suffix)
         common.savefig(fig, workdir, f"heatmap_{name}")
 
