@@ -392,9 +392,24 @@ def make(s: Settings) -> optax.GradientTransformation:
                 base_state = jax.tree_util.tree_map(jnp.zeros_like, base_state)
             return new_projs, new_mus, new_nus, new_extras, mcount, base_state
 
-        operand = (projs, mus, nus, extras, state.moment_count, state.base_state)
-        projs, mus, nus, extras, mcount, base_state = jax.lax.cond(
+        # Only what a refresh changes goes through the cond (pass-through outputs of a cond are
+        # copies: carrying the dense leaves' moments would copy them every step).
+        def touched(i):
+            p = pl[i]
+            return p.kind == "block" or (p.kind == "proj" and s.moments != "keep")
+
+        sel = [touched(i) for i in range(len(pl))]
+        pick = lambda xs: [x if t else None for x, t in zip(xs, sel, strict=True)]  # noqa: E731
+        blocks = [x if p.kind == "block" else None for x, p in zip(extras, pl, strict=True)]
+        reset_base = state.base_state if s.moments == "reset" else None
+        operand = (projs, pick(mus), pick(nus), blocks, state.moment_count, reset_base)
+        projs, c_mus, c_nus, c_extras, mcount, c_base = jax.lax.cond(
             is_refresh, refresh, lambda o: o, operand)
+        mus = [c if t else x for c, x, t in zip(c_mus, mus, sel, strict=True)]
+        nus = [c if t else x for c, x, t in zip(c_nus, nus, sel, strict=True)]
+        extras = [c if p.kind == "block" else x for c, x, p in zip(c_extras, extras, pl,
+                                                                  strict=True)]
+        base_state = c_base if s.moments == "reset" else state.base_state
 
         k_all = count + 1
         k_proj = mcount + 1 if mcount is not None else k_all
