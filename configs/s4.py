@@ -3,7 +3,7 @@ sequential digits (experiments/s4.py).
 
     python run.py --config=configs/s4.py                 # defaults, <= 15 min on 2 CPU cores
     python run.py --config=configs/s4.py:smoke           # seconds
-    python run.py --config=configs/s4.py:long            # adding at L=4096, digits at L=1024
+    python run.py --config=configs/s4.py:long       # adding L=4096 (3000 steps), digits L=1024
     python run.py --config=configs/s4.py:all_inits       # + S4D-Lin and S4D-Inv
     python run.py --config=configs/s4.py --config.adding.length=2048
 """
@@ -23,9 +23,9 @@ def get_config(arg=None):
         d_model=32, n_layers=2, d_state=64, prenorm=False, activation="glu", chunk_size=0,
         dt_min=1e-3, dt_max=1e-1))
     c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=4e-3, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
-    c.adding = ml_collections.ConfigDict(dict(length=512, steps=800, batch_size=32,
-                                              eval_size=512, log_every=50))
+        learning_rate=1e-2, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
+    c.adding = ml_collections.ConfigDict(dict(length=256, steps=1500, batch_size=32,
+                                              eval_size=512, log_every=100))
     c.digits = ml_collections.ConfigDict(dict(upsample=2, steps=600, batch_size=32,
                                               log_every=50))
     for token in [t for t in (arg or "").split(",") if t]:
@@ -40,7 +40,7 @@ def get_config(arg=None):
             c.digits.update(upsample=1, steps=2, batch_size=4, log_every=2)
         elif token == "long":
             c.adding.length = 4096
-            c.adding.steps = 1500
+            c.adding.steps = 3000
             c.digits.upsample = 4
             c.model.chunk_size = 512
         elif token == "all_inits":

@@ -53,9 +53,9 @@ def defaults() -> ml_collections.ConfigDict:
         d_model=32, n_layers=2, d_state=64, prenorm=False, activation="glu", chunk_size=0,
         dt_min=1e-3, dt_max=1e-1))
     c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=4e-3, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
-    c.adding = ml_collections.ConfigDict(dict(length=512, steps=800, batch_size=32,
-                                              eval_size=512, log_every=50))
+        learning_rate=1e-2, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
+    c.adding = ml_collections.ConfigDict(dict(length=256, steps=1500, batch_size=32,
+                                              eval_size=512, log_every=100))
     c.digits = ml_collections.ConfigDict(dict(upsample=2, steps=600, batch_size=32,
                                               log_every=50))
     return c
