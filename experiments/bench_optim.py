@@ -3,7 +3,8 @@
 For every parameter set (the shapes of an ``lrx.models.llama`` preset, projected leaves = the
 attention and MLP kernels as in GaLore's recipe) and every optimizer, one run measures:
 
-* ``update_ms``: best-of-``repeats`` wall time of the compiled ``update`` on a step without refresh;
+* ``update_ms``: best-of-``repeats`` wall time of the compiled ``update`` on a step without refresh
+  (all optimizers compiled first, then timed round-robin so load changes hit them alike);
 * ``refresh_ms``: the same on a refresh step (``count % update_proj_gap == 0``; the first call
   after compilation plus ``refresh_repeats - 1`` more); ``refresh_extra_ms`` = refresh - update,
   the cost of the projector computation itself;
@@ -164,27 +165,38 @@ def bench_updates(c: ml_collections.ConfigDict, model_name: str) -> list[dict]:
     proj_mask = [True] * len(proj_params)
     rank = c.ranks[model_name]
     n_params = sum(x.size for x in jax.tree_util.tree_leaves(params))
-    rows = []
+    # Compile everything first, then time round-robin over the optimizers (best of the rounds),
+    # so that load changes on a shared machine hit every optimizer alike.
+    runs = {}
     for name in c.optimizers:
         opt = build_optimizer(name, c, rank, mask, params)
         state0 = opt.init(params)
         compiled = jax.jit(opt.update).lower(grads, state0, params).compile()
-        # count 0 is a refresh step; the state it returns (count 1) is not.
-        refresh_ms, (_, state1) = _best_ms(compiled, (grads, state0, params), c.refresh_repeats)
-        update_ms, _ = _best_ms(compiled, (grads, state1, params), c.repeats)
+        runs[name] = dict(compiled=compiled, state0=state0, state1=None, refresh=[], update=[])
+    for _ in range(c.refresh_repeats):          # count 0: a refresh step
+        for r in runs.values():
+            ms, (_, state1) = _best_ms(r["compiled"], (grads, r["state0"], params), 1)
+            r["refresh"].append(ms)
+            r["state1"] = state1                # count 1: not a refresh step
+    for _ in range(c.repeats):
+        for r in runs.values():
+            r["update"].append(_best_ms(r["compiled"], (grads, r["state1"], params), 1)[0])
+    rows = []
+    for name, r in runs.items():
+        update_ms, refresh_ms = min(r["update"]), min(r["refresh"])
         if name == "adamw":
             refresh_ms = update_ms
-        compiled_mb, temp_mb = _memory(compiled)
+        compiled_mb, temp_mb = _memory(r["compiled"])
         proj_state = build_optimizer(name, c, rank, proj_mask, proj_params).init(proj_params)
         rows.append(dict(model=model_name, optimizer=name, params_M=n_params / 1e6,
                          update_ms=update_ms, refresh_ms=refresh_ms,
                          refresh_extra_ms=max(refresh_ms - update_ms, 0.0),
-                         state_MB=lo.tree_bytes(state0) / 2**20,
+                         state_MB=lo.tree_bytes(r["state0"]) / 2**20,
                          proj_state_MB=lo.tree_bytes(proj_state) / 2**20,
                          compiled_MB=compiled_mb, temp_MB=temp_mb))
         log.info("%s %s: update %.1f ms, refresh %.1f ms, state %.1f MB", model_name, name,
                  update_ms, refresh_ms, rows[-1]["state_MB"])
-        del state0, state1, compiled
+    runs.clear()
     return rows
 
 
@@ -208,7 +220,7 @@ def bench_train_step(c: ml_collections.ConfigDict, model_name: str) -> list[dict
         logits = model.apply({"params": p}, batch[:, :-1])
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
 
-    rows = []
+    runs = {}
     for name in t.optimizers:
         opt = build_optimizer(name, c, rank, mask, params)
 
@@ -220,13 +232,20 @@ def bench_train_step(c: ml_collections.ConfigDict, model_name: str) -> list[dict
         state0 = opt.init(params)
         compiled = jax.jit(step).lower(params, state0, tokens).compile()
         p1, s1, _ = jax.block_until_ready(compiled(params, state0, tokens))   # refresh step
-        step_ms, _ = _best_ms(compiled, (p1, s1, tokens), t.repeats)
-        compiled_mb, temp_mb = _memory(compiled)
+        runs[name] = dict(compiled=compiled, args=(p1, s1, tokens), times=[],
+                          state_MB=lo.tree_bytes(state0) / 2**20)
+        del state0
+    for _ in range(t.repeats):                  # round-robin, best of the rounds
+        for r in runs.values():
+            r["times"].append(_best_ms(r["compiled"], r["args"], 1)[0])
+    rows = []
+    for name, r in runs.items():
+        compiled_mb, temp_mb = _memory(r["compiled"])
         rows.append(dict(model=model_name, optimizer=name, batch=f"{t.batch_size}x{t.seq_len}",
-                         step_ms=step_ms, state_MB=lo.tree_bytes(state0) / 2**20,
+                         step_ms=min(r["times"]), state_MB=r["state_MB"],
                          compiled_MB=compiled_mb, temp_MB=temp_mb))
-        log.info("train step %s %s: %.1f ms", model_name, name, step_ms)
-        del compiled, p1, s1, state0
+        log.info("train step %s %s: %.1f ms", model_name, name, rows[-1]["step_ms"])
+    runs.clear()
     base = {r["model"]: r["step_ms"] for r in rows if r["optimizer"] == "adamw"}
     for r in rows:
         if r["model"] in base:
