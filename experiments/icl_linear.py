@@ -25,6 +25,7 @@ in :mod:`lrx.linear.regression`, :mod:`lrx.analysis.icl`, :mod:`lrx.models.gpt`,
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -296,8 +297,14 @@ def evaluate(apply_fn, params, data_cfg, eval_cfg, key, extra_lambdas=()) -> dic
     def knn(x, y, q, weighting):
         return jax.vmap(lambda a, b, c: reg.prefix_knn(a, b, c, knn_k, weighting))(x, y, q)
 
-    @jax.jit
-    def compute(params, key):
+    def sync(fn, *args, **static):
+        # One jitted call at a time, each with at most one batched SVD, waited for: jaxlib's
+        # CPU LAPACK kernels parallelise over the batch on the intra-op thread pool, and two
+        # such kernels running concurrently inside one XLA program can deadlock on a 2-core
+        # machine (observed with jax 0.10.2).
+        return jax.block_until_ready(jax.jit(functools.partial(fn, **static))(*args))
+
+    def tune_all(key):
         k_test, k_tune, k_probe = jax.random.split(key, 3)
         test, tune = sample(k_test, eval_cfg.num_prompts), sample(k_tune, eval_cfg.tune_prompts)
         grid = jnp.geomspace(1e-3, 1.0, eval_cfg.step_grid)
@@ -307,31 +314,37 @@ def evaluate(apply_fn, params, data_cfg, eval_cfg, key, extra_lambdas=()) -> dic
                                       num_steps=kgd),
             "sgd": reg.tune_step(reg.sgd, tune.x, tune.y, grid),
         }
-        x, y = test.x, test.y
-        weights = {"ols": all_prefixes(reg.least_squares, x, y)}
-        for lam in lambdas:
-            weights[f"ridge({lam:g})"] = all_prefixes(reg.ridge, x, y, lam)
-        if data_cfg.noise_std > 0:
-            weights["ridge(bayes)"] = all_prefixes(reg.ridge, x, y, bayes)
-        weights["gd1"] = all_prefixes(reg.gradient_descent, x, y, steps["gd1"], num_steps=1)
-        weights[f"gd{kgd}"] = all_prefixes(reg.gradient_descent, x, y, steps[f"gd{kgd}"],
-                                           num_steps=kgd)
-        weights["sgd"] = all_prefixes(reg.sgd, x, y, steps["sgd"])
-        weights["averaging"] = all_prefixes(reg.averaging, x, y)
+        probes = jax.random.normal(k_probe, (bp, n, m, d))
+        return test.x, test.y, steps, probes
+
+    x, y, steps, probes = sync(tune_all, key)
+    specs = {"ols": (reg.least_squares, (), {})}
+    for lam in lambdas:
+        specs[f"ridge({lam:g})"] = (reg.ridge, (lam,), {})
+    if data_cfg.noise_std > 0:
+        specs["ridge(bayes)"] = (reg.ridge, (bayes,), {})
+    specs["gd1"] = (reg.gradient_descent, (steps["gd1"],), {"num_steps": 1})
+    specs[f"gd{kgd}"] = (reg.gradient_descent, (steps[f"gd{kgd}"],), {"num_steps": kgd})
+    specs["sgd"] = (reg.sgd, (steps["sgd"],), {})
+    specs["averaging"] = (reg.averaging, (), {})
+    weights = {name: sync(lambda x, y, *a, fn=fn, kw=kw: all_prefixes(fn, x, y, *a, **kw),
+                          x, y, *a)
+               for name, (fn, a, kw) in specs.items()}
+
+    def predictions(params, x, y, probes, weights):
         # Predictions at the query x_k of every prefix k.
         preds = {name: reg.predict(w, x) for name, w in weights.items()}
         for weighting in ("uniform", "distance"):
             preds[f"knn{knn_k}_{weighting}"] = knn(x, y, x[:, :, None, :], weighting)[..., 0]
         preds["model"] = apply_fn(params, icl_data.interleave(x, y))[:, ::2]
-        out = {"spd": {}, "ilwd": {}, "error": {}, "steps": steps}
+        out = {"spd": {}, "error": {}}
         for name, p in preds.items():
             out["error"][name] = metrics.error_curve(p, y, d)
             if name != "model":
                 out["spd"][name] = metrics.spd(preds["model"], p, d)
-        # Implicit weights from probe inputs x'_j ~ N(0, I) put at the query position of prefix
-        # k (the model is causal, so the later tokens do not matter).
+        # Outputs at probe inputs x'_j ~ N(0, I) put at the query position of prefix k (the
+        # model is causal, so the later tokens do not matter).
         px, py = x[:bp], y[:bp]
-        probes = jax.random.normal(k_probe, (bp, n, m, d))
         tokens = icl_data.interleave(px, py)  # (bp, 2n-1, d+1)
 
         def at_prefix(k):
@@ -340,18 +353,21 @@ def evaluate(apply_fn, params, data_cfg, eval_cfg, key, extra_lambdas=()) -> dic
             seq = seq.at[:, :, 2 * k].set(q)
             return apply_fn(params, seq.reshape((bp * m,) + tokens.shape[1:]))[:, 2 * k]
 
-        model_probe = jax.lax.map(at_prefix, jnp.arange(n)).reshape(n, bp, m).transpose(1, 0, 2)
-        w_model, r2 = metrics.implicit_weights(model_probe, probes)
-        out["r2"] = jnp.mean(r2, axis=0)
-        implicit = {name: w[:bp] for name, w in weights.items()}
+        probe_out = {"model": jax.lax.map(at_prefix, jnp.arange(n)).reshape(n, bp, m)
+                     .transpose(1, 0, 2)}
         for weighting in ("uniform", "distance"):
-            implicit[f"knn{knn_k}_{weighting}"], _ = metrics.implicit_weights(
-                knn(px, py, probes, weighting), probes)
-        for name, w in implicit.items():
-            out["ilwd"][name] = metrics.ilwd(w_model, w)
-        return out
+            probe_out[f"knn{knn_k}_{weighting}"] = knn(px, py, probes, weighting)
+        return out, probe_out
 
-    return jax.tree.map(lambda a: np.asarray(a, np.float64), compute(params, key))
+    out, probe_out = sync(predictions, params, x, y, probes, weights)
+    fits = {name: sync(metrics.implicit_weights, v, probes) for name, v in probe_out.items()}
+    w_model = fits.pop("model")[0]
+    out["r2"] = sync(metrics.linearity_r2, probe_out["model"], probes)
+    implicit = {name: w[:bp] for name, w in weights.items()}
+    implicit.update({name: f[0] for name, f in fits.items()})
+    out["ilwd"] = {name: metrics.ilwd(w_model, w) for name, w in implicit.items()}
+    out["steps"] = steps
+    return jax.tree.map(lambda a: np.asarray(a, np.float64), out)
 
 
 def _summarise_refs(res: dict, d: int) -> list[dict]:
