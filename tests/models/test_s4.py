@@ -21,8 +21,8 @@ def test_decode_matches_convolution(mode, ssm_init, disc):
     x = _x(L)
     model = s4.S4Model(d_output=2, d_model=8, n_layers=2, d_state=16, mode=mode,
                        ssm_init=ssm_init, disc=disc, pool="none", l_max=L, chunk_size=5)
-    variables = model.init(jax.random.PRNGKey(0), x)
-    y = model.apply(variables, x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
+    y = jax.jit(model.apply)(variables, x)
     step_model = model.clone(decode=True)
     apply = jax.jit(lambda v, xt: step_model.apply(v, xt, mutable=["cache"]))
     ys, cache = [], None        # the first call builds a fresh cache from the parameters
@@ -52,18 +52,18 @@ def test_bidirectional_model_sees_the_future():
     model = s4.S4Model(d_output=1, d_model=8, n_layers=1, d_state=8, bidirectional=True,
                        pool="none")
     x = _x(16)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
     grad = jax.jit(jax.grad(lambda xx: model.apply(variables, xx)[0, 3, 0]))(x)
     assert float(jnp.abs(grad[0, 10:]).sum()) > 0           # depends on later inputs
     causal = s4.S4Model(d_output=1, d_model=8, n_layers=1, d_state=8, pool="none")
-    v2 = causal.init(jax.random.PRNGKey(0), x)
+    v2 = jax.jit(causal.init)(jax.random.PRNGKey(0), x)
     grad = jax.jit(jax.grad(lambda xx: causal.apply(v2, xx)[0, 3, 0]))(x)
     assert float(jnp.abs(grad[0, 4:]).sum()) < 1e-5 * float(jnp.abs(grad[0, :4]).sum())
 
 
 def test_params_are_real_and_labelled():
     model = s4.S4Model(d_output=3, d_model=8, n_layers=1, d_state=16)
-    params = model.init(jax.random.PRNGKey(0), _x(32))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), _x(32))["params"]
     for leaf in jax.tree.leaves(params):
         assert jnp.isrealobj(leaf) and leaf.dtype == jnp.float32
     layer = params["s4_0"]
@@ -78,7 +78,7 @@ def test_params_are_real_and_labelled():
 
 def test_ssm_params_get_small_lr_and_no_weight_decay():
     model = s4.S4Model(d_output=3, d_model=8, n_layers=1, d_state=8)
-    params = model.init(jax.random.PRNGKey(0), _x(16))["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), _x(16))["params"]
     opt = s4.s4_optimizer(learning_rate=0.1, weight_decay=0.5, ssm_learning_rate=1e-3)
     grads = jax.tree.map(jnp.zeros_like, params)       # zero gradient: only weight decay acts
     updates, _ = opt.update(grads, opt.init(params), params)
@@ -96,7 +96,7 @@ def test_ssm_params_get_small_lr_and_no_weight_decay():
 def test_gradients_finite_through_model():
     model = s4.S4Model(d_output=3, d_model=8, n_layers=2, d_state=16, chunk_size=8)
     x = _x(64)
-    params = model.init(jax.random.PRNGKey(0), x)["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), x)["params"]
     grads = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x) ** 2)))(params)
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
 
