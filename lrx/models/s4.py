@@ -22,7 +22,9 @@ Optimiser: :func:`ssm_labels` labels Lambda, P, B and log_step ``'ssm'`` (everyt
 
 Bidirectional: a second C (``C_reverse``) gives an anti-causal kernel ``K2`` and
 ``y_t = sum_{s<=t} K[t-s] u_s + sum_{s>t} K2[s-t-1] u_s`` (the reverse part is strictly
-anti-causal, so ``D u`` is counted once); implemented as one circular FFT convolution of length 2L.
+anti-causal, so ``D u`` is counted once); implemented as one circular FFT convolution of length 2L
+whose kernel ``[K, 0, flip(K2[:L-1])]`` has the same layout as state-spaces/s4's bidirectional
+padding (checked against a direct two-sided sum in the tests).
 
 Autoregressive mode (``decode=True``): inputs ``(batch, 1, H)``; the state ``(batch, H, N/2)`` and
 the stepping output matrix ``C = Ct (I - Abar^l_max)^-1`` live in the ``'cache'`` collection. Start
