@@ -344,3 +344,41 @@ def test_layer_metrics_grouped_equals_per_leaf():
                                    group_by_shape=False)
     assert list(grouped) == list(single) and len(grouped) == 2 * 8
     np.testing.assert_allclose(list(grouped.values()), list(single.values()), rtol=1e-5)
+
+
+def test_a_layer_metrics_hook_leaves_training_unchanged(tmp_path):
+    """The spectra hook only reads the state: training with it gives bit-identical parameters."""
+    import optax
+
+    from lrx.train import loop, sharding
+
+    rng = np.random.default_rng(17)
+    data = rng.standard_normal((8, 6)).astype(np.float32)
+    target = rng.standard_normal((8, 3)).astype(np.float32)
+
+    def loss_fn(p, fz, batch, key):  # noqa: ARG001
+        x, y = batch[:, :6], batch[:, 6:]
+        return jnp.mean((jnp.tanh(x @ p["w1"]) @ p["w2"] - y) ** 2), {}
+
+    params = {"w1": jnp.asarray(rng.standard_normal((6, 5)), jnp.float32),
+              "w2": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32)}
+    optimizer = optax.adam(1e-2)
+    logged = []
+
+    def hook(step, state, batch):
+        out = spectra.layer_metrics(state.params, ["effective_rank", "stable_rank"])
+        logged.append(out)
+        return state, out
+
+    finals = []
+    for name, hooks in (("off", ()), ("on", (hook,))):
+        state = loop.create_state(jax.tree_util.tree_map(jnp.array, params), optimizer, seed=0)
+        result = loop.train(workdir=str(tmp_path / name), state=state, loss_fn=loss_fn,
+                            optimizer=optimizer,
+                            batch_fn=lambda step: np.concatenate([data, target], axis=1),
+                            total_steps=4, mesh=sharding.make_mesh(0, 1), log_every=2,
+                            hooks=hooks, progress=False, tensorboard=False)
+        finals.append(jax.device_get(result["state"].params))
+    assert len(logged) == 4 and "w1/effective_rank" in logged[0]
+    for a, b in zip(jax.tree_util.tree_leaves(finals[0]), jax.tree_util.tree_leaves(finals[1])):
+        np.testing.assert_array_equal(a, b)
