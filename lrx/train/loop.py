@@ -274,7 +274,9 @@ def train(
 
     Args:
       workdir: output directory (``metrics.jsonl``, ``checkpoints/``, ``tb/``).
-      state: initial TrainState (replaced by the latest checkpoint in the workdir, if any).
+      state: initial TrainState (replaced by the latest checkpoint in the workdir, if any). Its
+        buffers are donated to the first step: copy arrays you want to reuse afterwards (e.g.
+        ``jax.tree.map(jnp.copy, params)``) before calling ``train``.
       loss_fn: ``(params, frozen, micro_batch, rng) -> (loss, aux dict)``.
       optimizer: the optax transformation that built ``state.opt_state``.
       batch_fn: ``batch_fn(step)`` -> host batch with leading axis ``micro_batches * B`` (a pure
