@@ -62,7 +62,7 @@ def get_config(arg=None):
     if "paper" in tokens:
         c.data.update(dim=8, num_pairs=40)
         c.model.update(num_layers=16, hidden_size=512, num_heads=4)
-        c.train.update(steps=500_000, learning_rate=1e-4, log_every=5000)
+        c.train.update(steps=500_000, learning_rate=1e-4, warmup_fraction=0.2, log_every=5000)
         c.eval.update(num_prompts=4000, probe_prompts=256)
         c.sweep.depths = (1, 2, 4, 8, 12, 16)
         c.sweep.lowrank = ("dense", "galore:8", "galore:32", "galore:128", "lowrank:8",
