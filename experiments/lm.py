@@ -260,6 +260,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           f"(mesh data x fsdp over {jax.device_count()} devices)")
     if c.param.method != "none":
         _param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
+        if c.model.scan_layers:
+            raise ConfigError("param.method needs 2-D kernels: model.scan_layers=True stacks them "
+                              "to (layers, m, n); set model.scan_layers=False")
         if c.param.relora_every and c.param.method != "lora":
             raise ConfigError("param.relora_every > 0 (ReLoRA) needs param.method='lora', got "
                               f"{c.param.method!r}")
