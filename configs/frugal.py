@@ -15,4 +15,5 @@ def get_config(arg=None):
     config = lm.defaults()
     config.optimizer = lm.optimizer_defaults("frugal")
     config.optimizer.learning_rate = 3e-3
+    config.optimizer.eps = 1e-8  # the FRUGAL code's Adam eps (GaLore's class default is 1e-6)
     return lm.apply_arg(config, arg, lm.VARIANTS)
