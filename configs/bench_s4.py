@@ -6,24 +6,13 @@ sums, the shared Cauchy matrix (plain and chunked) and S4D (experiments/bench_s4
     python run.py --config=configs/bench_s4.py:quick      # L in {1k, 4k}, 1 repeat
 """
 
-import ml_collections
+from experiments import bench_s4
 
 VARIANTS = ("smoke", "quick")
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "bench_s4"
-    c.seed = 0
-    c.N = 64
-    c.hs = (1, 64)
-    c.lengths = (1024, 4096, 16384)
-    c.variants = ("naive", "separate_full", "separate_half", "shared", "shared_chunked", "s4d")
-    c.chunk_size = 1024
-    c.repeats = 3
-    c.target_speedup = 8.0
-    c.correctness = ml_collections.ConfigDict(dict(
-        steps=(0.001, 0.01, 0.1), lengths=(1024, 4096, 16384), recurrence_length=4096))
+    c = bench_s4.defaults()
     for token in [t for t in (arg or "").split(",") if t]:
         if token not in VARIANTS:
             raise ValueError(f"unknown variant {token!r} for configs/bench_s4.py; valid: "

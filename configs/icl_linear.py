@@ -11,37 +11,13 @@ Tokens combine with commas (``noise,smoke``, ``depth,paper``). ``paper``: d = 8,
 16 layers, hidden 512, 4 heads, batch 64, Adam lr 1e-4, 500k steps, warm-up 1/5 then cosine.
 """
 
-import ml_collections
+from experiments import icl_linear
 
 TOKENS = ("noise", "depth", "lowrank", "paper", "smoke")
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "icl_linear"
-    c.study = "fig1"
-    c.seed = 0
-    c.data = ml_collections.ConfigDict(dict(dim=4, num_pairs=8, noise_std=0.0, weight_std=1.0))
-    c.model = ml_collections.ConfigDict(dict(num_layers=3, hidden_size=64, num_heads=4,
-                                             mlp_ratio=4))
-    c.train = ml_collections.ConfigDict(dict(
-        steps=12000, batch_size=64, learning_rate=1e-3, warmup_fraction=0.1, b1=0.9, b2=0.999,
-        eps=1e-8, weight_decay=0.0, grad_clip=1.0, log_every=1000))
-    c.eval = ml_collections.ConfigDict(dict(
-        num_prompts=2000, tune_prompts=2000, probe_prompts=128, num_probes=0, step_grid=48,
-        ridge_lambdas=(0.1, 0.5), gd_steps=3, knn_neighbors=3))
-    c.sweep = ml_collections.ConfigDict(dict(
-        noise=((0.0, 1.0), (0.25, 1.0), (0.5, 1.0), (0.5, 0.75)),
-        noise_lambdas=(0.0, 1 / 16, 1 / 9, 1 / 4, 4 / 9, 1.0),
-        depths=(1, 2, 4, 8),
-        lowrank=("dense", "galore:1", "galore:4", "galore:16", "lowrank:1", "lowrank:4",
-                 "lowrank:16", "lora:1", "lora:4", "lora:16")))
-    c.lowrank = ml_collections.ConfigDict(dict(
-        target=r".*/attn/(query|key|value|out)/kernel", lora_alpha=0.0, galore_scale=1.0,
-        update_proj_gap=200, proj_type="std"))
-    c.lsa = ml_collections.ConfigDict(dict(enabled=True, steps=4000, batch_size=512,
-                                           learning_rate=1e-3))
-
+    c = icl_linear.defaults()
     tokens = [t.strip() for t in (arg or "").split(",") if t.strip()]
     for t in tokens:
         if t not in TOKENS:

@@ -8,26 +8,13 @@ sequential digits (experiments/s4.py).
     python run.py --config=configs/s4.py --config.adding.length=2048
 """
 
-import ml_collections
+from experiments import s4
 
 VARIANTS = ("smoke", "long", "all_inits")
 
 
 def get_config(arg=None):
-    c = ml_collections.ConfigDict()
-    c.experiment = "s4"
-    c.seed = 0
-    c.tasks = ("adding", "digits")
-    c.models = ("s4-legs", "s4d-legs", "s4d-random")
-    c.model = ml_collections.ConfigDict(dict(
-        d_model=32, n_layers=2, d_state=64, prenorm=False, activation="glu", chunk_size=0,
-        dt_min=1e-3, dt_max=1e-1))
-    c.optim = ml_collections.ConfigDict(dict(
-        learning_rate=1e-2, weight_decay=0.01, ssm_learning_rate=1e-3, warmup_steps=50))
-    c.adding = ml_collections.ConfigDict(dict(length=256, steps=1500, batch_size=32,
-                                              eval_size=512, log_every=100))
-    c.digits = ml_collections.ConfigDict(dict(upsample=2, steps=600, batch_size=32,
-                                              log_every=50))
+    c = s4.defaults()
     for token in [t for t in (arg or "").split(",") if t]:
         if token not in VARIANTS:
             raise ValueError(f"unknown variant {token!r} for configs/s4.py; valid: "

@@ -27,7 +27,7 @@ DTYPES = ("float32", "bfloat16")
 ANALYSIS_TARGETS = ("grads", "params")
 # GaLore's recipe projects the attention and MLP matrices only; embeddings, LM head and norms get
 # the same Adam unprojected.
-PROJECT_ATTN_MLP = r".*/(attn|mlp)/[^/]+/kernel"
+PROJECT_ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"  # = lrx.optim.ATTN_MLP
 log = logging.getLogger("lrx.lm")
 
 
@@ -358,19 +358,6 @@ def _build_optimizer_transform(o, schedule, mask):
     return opt
 
 
-def path_mask(params: Any, pattern: str) -> Any:
-    """Boolean pytree: True for leaves of ndim >= 2 whose '/'-joined path matches ``pattern``."""
-    import jax
-
-    regex = re.compile(pattern)
-
-    def leaf(path, x):
-        name = "/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-        return bool(regex.fullmatch(name)) and getattr(x, "ndim", 0) >= 2
-
-    return jax.tree_util.tree_map_with_path(leaf, params)
-
-
 def build_model(c: ml_collections.ConfigDict, vocab_size: int):
     """The Llama module for the config (vocabulary from the data)."""
     from lrx.models.llama import Llama, preset
@@ -437,7 +424,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             since = jnp.mod(t, every)
             jag = jnp.where(t >= every, jnp.minimum(1.0, (since + 1) / max(rewarm, 1)), 1.0)
             return base_schedule(t) * jag
-    mask = path_mask(params, o.project) if o.name != "adamw" else None
+    mask = None
+    if o.name != "adamw":
+        import lrx.optim
+
+        mask = lrx.optim.path_mask(params, o.project)
     if mask is not None and not any(jax.tree_util.tree_leaves(mask)):
         raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter paths "
                           "look like 'layers_0/attn/q/kernel'")

@@ -54,6 +54,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrx.paths import path_str
+
 RANKME_EPS = 1e-7
 METRICS = ("effective_rank", "stable_rank", "top_r_energy", "rank_at_energy", "spectral_norm",
            "frobenius_norm", "nuclear_norm")
@@ -492,19 +494,6 @@ def matrix_metrics(x: jax.Array, metrics: Sequence[str], *, rank: int = 8,
 
 
 _matrix_metrics_jit = jax.jit(matrix_metrics, static_argnames=("metrics", "rank", "method", "k"))
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """``'a/b/c'`` for a pytree key path (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                parts.append(str(getattr(entry, attr)))
-                break
-        else:
-            parts.append(str(entry))
-    return "/".join(parts)
 
 
 def layer_metrics(tree: Any, metrics: Sequence[str], paths_regex: str | None = None, *,

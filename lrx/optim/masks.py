@@ -15,21 +15,13 @@ from typing import Any
 
 import jax
 
+from lrx.paths import path_str
+
 # The official recipe's selection for lrx's LLaMA (`lrx.models.llama`): attention and MLP kernels.
 ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"
 
 
-def path_name(path: tuple) -> str:
-    """'/'-joined name of a pytree key path (dict keys, attribute names, sequence indices)."""
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
-    return "/".join(parts)
+path_name = path_str  # the name lrx.optim has always exported
 
 
 def path_names(tree: Any) -> Any:

@@ -22,21 +22,9 @@ import numpy as np
 
 from lrx.param.core import FROZEN, TRAINABLE, WITNESS, Factored, is_node, make_witness
 from lrx.param.nodes import FACTORIES, LoRA, lora_init
+from lrx.paths import path_str
 
 PyTree = Any
-
-
-def path_str(path: Sequence[Any]) -> str:
-    """``'layers_0/attn/q/kernel'`` from a JAX key path."""
-    parts = []
-    for p in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(p, attr):
-                parts.append(str(getattr(p, attr)))
-                break
-        else:
-            parts.append(str(p))
-    return "/".join(parts)
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
