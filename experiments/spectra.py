@@ -442,7 +442,7 @@ def _method_pieces(setup: _Setup, method: str, params, *, learning_rate: float, 
         optim, why = _galore_api()
         if optim is None:
             raise _Skip(why)
-        from experiments.lm import path_mask
+        from lrx.optim import path_mask
 
         opt = optim.galore(schedule, rank=c.galore.rank, update_proj_gap=c.galore.update_proj_gap,
                        scale=c.galore.scale, proj_type=c.galore.proj_type,
