@@ -89,6 +89,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             lm.run(run_config(config, name), sub)
             with open(path) as f:
                 done = json.load(f)
+            if done.get("status") != "done":  # SIGTERM/SIGINT: checkpointed, stop the study
+                raise SystemExit(f"pretrain_table: run {name!r} {done.get('status')}; rerun the "
+                                 "same command to resume")
         runs[name] = done
         rows.append(_row(name, done))
         common.write_table(workdir, "pretrain_table", rows, title=(

@@ -412,14 +412,18 @@ def _train(setup: _Setup, workdir: str, *, params, frozen, optimizer, loss_fn, t
     # The loop donates the state's buffers: train on copies so the inputs stay usable.
     params, frozen = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (params, frozen))
     state = loop.create_state(params, optimizer, seed=setup.c.seed, frozen=frozen)
-    return loop.train(workdir=workdir, state=state, loss_fn=loss_fn, optimizer=optimizer,
-                      batch_fn=setup.batch_fn(tokens, batch_size), total_steps=steps,
-                      mesh=setup.mesh, eval_fn=eval_fn if eval_every else None,
-                      eval_batches=eval_batches if eval_every else (),
-                      eval_every=eval_every, log_every=log_every, checkpoint_every=0,
-                      keep_checkpoints=1, learning_rate=schedule,
-                      tokens_per_step=batch_size * setup.seq_len, hooks=hooks, progress=False,
-                      tensorboard=False)
+    result = loop.train(workdir=workdir, state=state, loss_fn=loss_fn, optimizer=optimizer,
+                        batch_fn=setup.batch_fn(tokens, batch_size), total_steps=steps,
+                        mesh=setup.mesh, eval_fn=eval_fn if eval_every else None,
+                        eval_batches=eval_batches if eval_every else (),
+                        eval_every=eval_every, log_every=log_every, checkpoint_every=0,
+                        keep_checkpoints=1, learning_rate=schedule,
+                        tokens_per_step=batch_size * setup.seq_len, hooks=hooks,
+                        progress=False, tensorboard=False)
+    if result["stopped_by"] != "end":  # SIGTERM/SIGINT: checkpointed, stop the whole study
+        raise SystemExit(f"spectra: {workdir} stopped by {result['stopped_by']}; rerun the same "
+                         "command to resume")
+    return result
 
 
 def _method_pieces(setup: _Setup, method: str, params, *, learning_rate: float, steps: int,
