@@ -12,20 +12,10 @@ papers' ranks (128/256/256/512).
 
 from experiments import lm
 
-PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
-
-
-def _paper(name):
-    def apply(c):
-        lm.VARIANTS[name](c)
-        c.param.rank = PAPER_RANKS[name]
-    return apply
-
 
 def get_config(arg=None):
     config = lm.defaults()
     config.optimizer = lm.optimizer_defaults("adamw")
     config.param.method = "lora"
     config.param.rank = 32
-    variants = {**lm.VARIANTS, **{name: _paper(name) for name in PAPER_RANKS}}
-    return lm.apply_arg(config, arg, variants)
+    return lm.apply_arg(config, arg, lm.VARIANTS)  # llama_* variants use the paper's ranks

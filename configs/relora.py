@@ -17,13 +17,10 @@ magnitude-pruned) reset of the adapters' optimizer moments.
 
 from experiments import lm
 
-PAPER_RANKS = {"llama_60m": 128, "llama_130m": 256, "llama_350m": 256, "llama_1b": 512}
-
 
 def _paper(name):
     def apply(c):
-        lm.VARIANTS[name](c)
-        c.param.rank = PAPER_RANKS[name]
+        lm.VARIANTS[name](c)  # the paper's setup, with its LoRA rank
         c.param.relora_every = min(5000, c.train.steps // 10)
         c.param.relora_warmup = 100
     return apply
@@ -42,5 +39,5 @@ def get_config(arg=None):
     config.param.relora_every = 150
     config.param.relora_warmup = 25
     variants = {**lm.VARIANTS, "smoke": _smoke,
-                **{name: _paper(name) for name in PAPER_RANKS}}
+                **{name: _paper(name) for name in lm.PAPER_SETUPS}}
     return lm.apply_arg(config, arg, variants)

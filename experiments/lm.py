@@ -598,12 +598,12 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
 # The GaLore paper's pretraining setups (Table 2; App. C): sequence length 256, batch 512
 # sequences, 10% warmup, cosine to 10%; GaLore lr 0.01 (AdamW 1e-3), rank 128/256/256/512,
 # update_proj_gap 200, scale 0.25. Steps: 10K / 20K / 60K / 100K.
-_PAPER = {"llama_60m": (10_000, 128), "llama_130m": (20_000, 256),
+PAPER_SETUPS = {"llama_60m": (10_000, 128), "llama_130m": (20_000, 256),
           "llama_350m": (60_000, 256), "llama_1b": (100_000, 512)}
 
 
 def _paper(preset_name: str):
-    steps, rank = _PAPER[preset_name]
+    steps, rank = PAPER_SETUPS[preset_name]
 
     def apply(c: ml_collections.ConfigDict) -> None:
         c.model.preset = preset_name
@@ -615,6 +615,8 @@ def _paper(preset_name: str):
         c.optimizer.learning_rate = 1e-3 if c.optimizer.name == "adamw" else 1e-2
         if "rank" in c.optimizer:
             c.optimizer.rank = rank
+        if c.param.method != "none":  # GaLore's Table 2 baselines use the same ranks
+            c.param.rank = rank
     return apply
 
 
@@ -628,7 +630,7 @@ def _set(**kv):
 
 VARIANTS: dict[str, Any] = {
     "smoke": _smoke,
-    **{name: _paper(name) for name in _PAPER},
+    **{name: _paper(name) for name in PAPER_SETUPS},
     "scan": _set(model__scan_layers=True),
     "remat": _set(model__remat=True),
     "bf16": _set(model__dtype="bfloat16"),
