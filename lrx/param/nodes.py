@@ -605,21 +605,32 @@ def nola(rank: int, num_basis_a: int = 1024, num_basis_b: int = 1024,
                         alpha=_resolve_alpha(alpha, rank, "nola"))
 
 
-class _RandLoRAFactory(Factory):
-    method = "randlora"
+class _SharedBasesFactory(Factory):
+    """A factory whose random bases are shared by every matrix one rule matches: ``bind_shapes``
+    returns a copy sized by :meth:`_bases_shape` of the matched shapes."""
 
     def __init__(self, max_shape: tuple[int, int] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.max_shape = max_shape
 
+    @staticmethod
+    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
     def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> Factory:
         shapes = list(shapes)
         if not shapes:
             return self
-        max_in = max(s[0] for s in shapes)
-        max_out = max(s[1] for s in shapes)
-        return _RandLoRAFactory(max_shape=(max(max_in, max_out), min(max_in, max_out)),
-                                **self.kwargs)
+        max_shape = self._bases_shape(max(s[0] for s in shapes), max(s[1] for s in shapes))
+        return type(self)(max_shape=max_shape, **self.kwargs)
+
+
+class _RandLoRAFactory(_SharedBasesFactory):
+    method = "randlora"
+
+    @staticmethod
+    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
+        return max(max_in, max_out), min(max_in, max_out)
 
     def __call__(self, key: Array, w: Array) -> RandLoRA:  # noqa: ARG002 - shared bases
         shape = _check_matrix(w, self.method)
@@ -646,19 +657,12 @@ def randlora(rank: int = 32, alpha: float | None = None, projection_prng_key: in
     return _RandLoRAFactory(rank=rank, alpha=alpha, projection_prng_key=int(projection_prng_key))
 
 
-class _VeRAFactory(Factory):
+class _VeRAFactory(_SharedBasesFactory):
     method = "vera"
 
-    def __init__(self, max_shape: tuple[int, int] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.max_shape = max_shape
-
-    def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> Factory:
-        shapes = list(shapes)
-        if not shapes:
-            return self
-        return _VeRAFactory(max_shape=(max(s[0] for s in shapes), max(s[1] for s in shapes)),
-                            **self.kwargs)
+    @staticmethod
+    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
+        return max_in, max_out
 
     def __call__(self, key: Array, w: Array) -> VeRA:  # noqa: ARG002 - shared bases
         shape = _check_matrix(w, self.method)
