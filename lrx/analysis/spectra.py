@@ -217,6 +217,18 @@ def orthonormal_basis(a: jax.Array) -> jax.Array:
     return q
 
 
+def _cross(a: jax.Array, b: jax.Array, orthonormal: bool) -> jax.Array:
+    """``Q_a^T Q_b`` ``(..., p, q)`` for bases ``a (..., n, p)``, ``b (..., n, q)`` of one space."""
+    _check_matrix(a, "a")
+    _check_matrix(b, "b")
+    if a.shape[-2] != b.shape[-2]:
+        raise ValueError(f"a and b must live in the same space: a has {a.shape[-2]} rows, b has "
+                         f"{b.shape[-2]}")
+    qa = a if orthonormal else orthonormal_basis(a)
+    qb = b if orthonormal else orthonormal_basis(b)
+    return _mT(qa) @ qb
+
+
 def principal_angles(a: jax.Array, b: jax.Array, *, orthonormal: bool = False) -> jax.Array:
     """Principal angles between the column spaces of ``a`` and ``b``.
 
@@ -228,14 +240,7 @@ def principal_angles(a: jax.Array, b: jax.Array, *, orthonormal: bool = False) -
     Returns:
       ``(..., min(p, q))`` angles in radians, ascending (most aligned first).
     """
-    _check_matrix(a, "a")
-    _check_matrix(b, "b")
-    if a.shape[-2] != b.shape[-2]:
-        raise ValueError(f"a and b must live in the same space: a has {a.shape[-2]} rows, b has "
-                         f"{b.shape[-2]}")
-    qa = a if orthonormal else orthonormal_basis(a)
-    qb = b if orthonormal else orthonormal_basis(b)
-    cos = jnp.linalg.svd(_mT(qa) @ qb, compute_uv=False)
+    cos = jnp.linalg.svd(_cross(a, b, orthonormal), compute_uv=False)
     return jnp.arccos(jnp.clip(cos, 0.0, 1.0))
 
 
@@ -251,14 +256,7 @@ def subspace_overlap(a: jax.Array, b: jax.Array, *, orthonormal: bool = False) -
     Returns:
       ``(...)`` in ``[0, 1]``.
     """
-    _check_matrix(a, "a")
-    _check_matrix(b, "b")
-    if a.shape[-2] != b.shape[-2]:
-        raise ValueError(f"a and b must live in the same space: a has {a.shape[-2]} rows, b has "
-                         f"{b.shape[-2]}")
-    qa = a if orthonormal else orthonormal_basis(a)
-    qb = b if orthonormal else orthonormal_basis(b)
-    cross = _mT(qa) @ qb
+    cross = _cross(a, b, orthonormal)
     return jnp.sum(jnp.square(cross), axis=(-2, -1)) / min(a.shape[-1], b.shape[-1])
 
 
