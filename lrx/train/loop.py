@@ -3,9 +3,11 @@
 ``train(...)`` runs a jit-compiled, buffer-donating step with gradient accumulation over
 micro-batches, on a device mesh with explicit shardings; evaluates periodically; writes
 ``metrics.jsonl`` (and TensorBoard events when ``tensorboardX`` is installed); saves orbax
-checkpoints every N steps and at the end (keeping the last k) and resumes from the latest one in the
-workdir; stops at the first non-finite loss without checkpointing the bad state; and turns
-SIGTERM/SIGINT into "save a checkpoint and return".
+checkpoints every N steps and at the end (keeping the last k) and resumes from the newest one in the
+workdir that restores (a damaged newer one is moved aside to ``checkpoints.broken/``); stops at the
+first non-finite loss without checkpointing the bad state; turns SIGTERM/SIGINT into "save a
+checkpoint at the next step boundary and return", and exits at once (naming the step) when no
+boundary comes within a grace period or a second signal arrives; limits host BLAS threads.
 
 Exact resume: the batch at step t comes from ``batch_fn(t)`` (a pure function of the step) and the
 step's randomness from the state's key, so N steps + resume + N steps gives the same parameters as
@@ -14,14 +16,16 @@ step's randomness from the state's key, so N steps + resume + N steps gives the 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
 import resource
+import select
+import shutil
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -207,25 +211,127 @@ class NonFiniteLoss(RuntimeError):
         self.step = step
 
 
-@contextlib.contextmanager
-def _stop_signals():
-    """Yields a dict whose 'signal' entry is set when SIGTERM or SIGINT arrives."""
-    flag: dict[str, Any] = {"signal": None}
-    handlers = {}
+def limit_blas_threads(threads: int = 1) -> list[dict]:
+    """Limits the host BLAS/LAPACK thread pools (OpenBLAS, MKL, BLIS) of this process to
+    ``threads`` with threadpoolctl; returns threadpoolctl's description of the pools it limited.
 
-    def handler(signum, frame):  # noqa: ARG001
-        flag["signal"] = signal.Signals(signum).name
-
+    XLA:CPU runs SVD/QR/eigh through scipy's LAPACK. With one OpenBLAS thread pool per core, its
+    busy-waiting workers fight XLA's own threads (and each other, on many fake devices): a first
+    FRUGAL/Fira step under FSDP took 137-191 s instead of 24 s on 2 cores. XLA parallelises over
+    matrices and devices itself, so one BLAS thread per call is the right setting; no environment
+    variable is needed. Idempotent.
+    """
     try:
+        import scipy.linalg  # noqa: F401 - loads the LAPACK that jaxlib calls, so it can be limited
+    except ImportError:  # pragma: no cover - scipy comes with jax
+        pass
+    try:
+        from threadpoolctl import threadpool_info, threadpool_limits
+    except ImportError:  # pragma: no cover - a dependency in setup.cfg
+        log.warning("threadpoolctl is not installed: BLAS threads are not limited "
+                    "(pip install threadpoolctl, or set OPENBLAS_NUM_THREADS=1)")
+        return []
+    threadpool_limits(limits=threads, user_api="blas")
+    return [p for p in threadpool_info() if p.get("user_api") == "blas"]
+
+
+class _StopSignals:
+    """SIGTERM/SIGINT handling that works even while the main thread is stuck in native code.
+
+    The first signal sets ``self.signal`` (the loop checkpoints at the next step boundary and calls
+    :meth:`acknowledge`). A watchdog thread learns of every signal at once through
+    ``signal.set_wakeup_fd`` (written by the C-level handler, so it needs no Python bytecode in
+    the main thread): if the loop does not reach a step boundary within ``grace_seconds`` of the
+    first signal, or a second signal arrives, it prints one line naming the step and the last good
+    checkpoint and exits the process at once (``os._exit(128 + signum)``).
+    """
+
+    def __init__(self, grace_seconds: float):
+        self.grace_seconds = float(grace_seconds)
+        self.signal: str | None = None
+        self.step = 0                       # steps completed (updated by the loop)
+        self.last_checkpoint: int | None = None
+        self.checkpoint_dir = ""
+        self._acknowledged = threading.Event()
+        self._closed = threading.Event()
+        self._handlers: dict = {}
+        self._old_wakeup = -1
+        self._pipe: tuple[int, int] | None = None
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> _StopSignals:
+        if threading.current_thread() is not threading.main_thread():
+            return self  # signals are delivered to the main thread only: nothing to handle
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        self._pipe = (r, w)
+        self._old_wakeup = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            handlers[sig] = signal.signal(sig, handler)
-    except ValueError:  # not the main thread: no signal handling
-        handlers = {}
-    try:
-        yield flag
-    finally:
-        for sig, old in handlers.items():
+            self._handlers[sig] = signal.signal(sig, self._handler)
+        self._thread = threading.Thread(target=self._watch, name="lrx-stop-watchdog", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pipe is None:
+            return
+        for sig, old in self._handlers.items():
             signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_wakeup)
+        self._closed.set()
+        os.write(self._pipe[1], b"\0")  # wakes the watchdog
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            os.close(self._pipe[0])
+            os.close(self._pipe[1])
+        self._pipe = None
+
+    def _handler(self, signum, frame) -> None:  # noqa: ARG002 - main thread, between bytecodes
+        if self.signal is None:
+            self.signal = signal.Signals(signum).name
+
+    def acknowledge(self) -> None:
+        """The loop reached a step boundary after the signal and is checkpointing."""
+        self._acknowledged.set()
+
+    def _watch(self) -> None:
+        r = self._pipe[0]
+        received: list[int] = []
+        deadline = None
+        while not self._closed.is_set():
+            timeout = None
+            if deadline is not None and not self._acknowledged.is_set():
+                timeout = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([r], [], [], timeout)
+            if self._closed.is_set():
+                return
+            if not ready:  # the grace period ran out without a step boundary
+                self._exit(received[0], f"no step boundary within {self.grace_seconds:g} s")
+            for byte in os.read(r, 64):
+                if byte not in (signal.SIGTERM, signal.SIGINT):
+                    continue
+                received.append(byte)
+                if len(received) == 1:
+                    self.signal = self.signal or signal.Signals(byte).name
+                    deadline = time.monotonic() + self.grace_seconds
+                else:
+                    self._exit(byte, f"second signal ({signal.Signals(byte).name})")
+
+    def _exit(self, signum: int, why: str) -> None:
+        last = ("none" if self.last_checkpoint is None else
+                f"step {self.last_checkpoint} in {self.checkpoint_dir}")
+        message = (f"lrx: {signal.Signals(signum).name if signum else 'signal'} received during "
+                   f"step {self.step + 1} ({self.step} steps done); {why}: exiting now without a "
+                   f"checkpoint. Last good checkpoint: {last}.\n")
+        try:
+            os.write(2, message.encode())
+        finally:
+            os._exit(128 + int(signum))
+
+
+def _stop_signals(grace_seconds: float = 60.0) -> _StopSignals:
+    """Context manager installing :class:`_StopSignals` (kept for callers of the old helper)."""
+    return _StopSignals(grace_seconds)
 
 
 def _checkpoint_manager(directory: str, keep: int):
@@ -245,6 +351,51 @@ def latest_checkpoint_step(workdir: str) -> int | None:
         return manager.latest_step()
     finally:
         manager.close()
+
+
+class CheckpointMismatch(RuntimeError):
+    """No checkpoint of the workdir restores into the state of this run (its shapes or structure
+    differ: the config changed, or every checkpoint is damaged)."""
+
+
+def _restore_newest_good(manager, directory: str, target: PyTree):
+    """Restores the newest checkpoint of ``manager`` that restores into ``target``.
+
+    A checkpoint newer than the one restored that fails to restore (truncated or missing files) is
+    moved aside to ``<workdir>/checkpoints.broken/<step>`` (never deleted), with one warning line
+    naming it. If none restores, nothing is moved and :class:`CheckpointMismatch` names the newest
+    error. Returns ``(state, step, moved)`` (``(None, None, [])`` without checkpoints).
+    """
+    import orbax.checkpoint as ocp
+
+    steps = sorted(manager.all_steps(), reverse=True)
+    failures: list[tuple[int, str]] = []
+    for step in steps:
+        try:
+            state = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:  # noqa: BLE001 - orbax/TensorStore raise many types
+            failures.append((step, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                                   if str(e) else type(e).__name__))
+            continue
+        moved = []
+        for bad, why in failures:
+            broken = os.path.join(os.path.dirname(directory), "checkpoints.broken")
+            os.makedirs(broken, exist_ok=True)
+            dest = os.path.join(broken, str(bad))
+            if os.path.exists(dest):
+                dest += f".{time.strftime('%Y%m%d-%H%M%S')}"
+            shutil.move(os.path.join(directory, str(bad)), dest)
+            moved.append(dest)
+            log.warning("checkpoint at step %d does not restore (%s): moved it to %s and "
+                        "resumed from step %d", bad, why, dest, step)
+        return state, step, moved
+    if failures:
+        step, why = failures[0]
+        raise CheckpointMismatch(
+            f"no checkpoint in {directory} restores into this run's state (newest: step {step}, "
+            f"{why}); if the config changed, use a new --workdir or restart with "
+            "--config.train.resume=False")
+    return None, None, []
 
 
 def train(
@@ -269,12 +420,15 @@ def train(
     progress: bool | None = None,
     tensorboard: bool = True,
     stop_at: int = 0,
+    stop_grace_seconds: float = 60.0,
+    blas_threads: int | None = 1,
 ) -> dict:
     """Trains ``state`` to ``total_steps`` and returns a results dict.
 
     Args:
       workdir: output directory (``metrics.jsonl``, ``checkpoints/``, ``tb/``).
-      state: initial TrainState (replaced by the latest checkpoint in the workdir, if any). Its
+      state: initial TrainState (replaced by the newest checkpoint in the workdir that restores;
+        newer ones that do not are moved to ``checkpoints.broken/``). Its
         buffers are donated to the first step: copy arrays you want to reuse afterwards (e.g.
         ``jax.tree.map(jnp.copy, params)``) before calling ``train``.
       loss_fn: ``(params, frozen, micro_batch, rng) -> (loss, aux dict)``.
@@ -294,37 +448,76 @@ def train(
         (``step`` = steps done, ``batch`` = the device batch of that step, leading axis
         ``micro_batches``); may replace the state (e.g. ReLoRA merges); its metrics are written to
         ``metrics.jsonl`` at that step and returned in ``hook_history``.
-      progress: tqdm bar (default: when stderr is a TTY).
+      progress: tqdm bar with loss, tokens/s and ETA (default: when stderr is a TTY); otherwise
+        one log line every ``log_every`` steps.
       stop_at: if > 0, checkpoint and return after this step although ``total_steps`` is larger
         (a planned preemption: the schedule still spans ``total_steps``).
+      stop_grace_seconds: after the first SIGTERM/SIGINT the run checkpoints at the next step
+        boundary; if none comes within this many seconds, or a second signal arrives, the process
+        exits at once naming the step (the last good checkpoint is kept).
+      blas_threads: limit of the host BLAS thread pools (:func:`limit_blas_threads`); None leaves
+        them alone.
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
-      'SIGTERM', 'SIGINT'), ``resumed_from`` and wall time.
+      'SIGTERM', 'SIGINT'), ``resumed_from``, ``broken_checkpoints`` (moved aside) and wall time.
     """
     os.makedirs(workdir, exist_ok=True)
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if blas_threads is not None:
+        limit_blas_threads(blas_threads)
+    with _StopSignals(stop_grace_seconds) as stop:
+        return _train(stop, workdir=workdir, state=state, loss_fn=loss_fn, optimizer=optimizer,
+                      batch_fn=batch_fn, total_steps=total_steps, mesh=mesh,
+                      micro_batches=micro_batches, eval_fn=eval_fn, eval_batches=eval_batches,
+                      eval_every=eval_every, log_every=log_every,
+                      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                      learning_rate=learning_rate, tokens_per_step=tokens_per_step, hooks=hooks,
+                      progress=progress, tensorboard=tensorboard, stop_at=stop_at)
+
+
+def _format_seconds(seconds: float) -> str:
+    seconds = int(round(max(seconds, 0)))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, total_steps, mesh,
+           micro_batches, eval_fn, eval_batches, eval_every, log_every, checkpoint_every,
+           keep_checkpoints, learning_rate, tokens_per_step, hooks, progress, tensorboard,
+           stop_at) -> dict:
     abstract = jax.eval_shape(lambda s: s, state)
     state_shardings = shd.tree_shardings(abstract, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     state_shardings = state_shardings.replace(step=replicated, rng=replicated)
 
-    manager = _checkpoint_manager(os.path.join(workdir, "checkpoints"), keep_checkpoints)
+    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    stop.checkpoint_dir = directory
+    manager = _checkpoint_manager(directory, keep_checkpoints)
     writer = MetricWriter(workdir, tensorboard=tensorboard)
-    resumed_from = manager.latest_step()
+    target = jax.tree_util.tree_map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
+        state_shardings)
+    try:
+        restored, resumed_from, broken = _restore_newest_good(manager, directory, target)
+    except CheckpointMismatch:
+        manager.close()
+        writer.close()
+        raise
+    if broken:  # the manager caches the step list: reopen it without the moved checkpoints
+        manager.close()
+        manager = _checkpoint_manager(directory, keep_checkpoints)
     if resumed_from is not None:
-        import orbax.checkpoint as ocp
-
-        target = jax.tree_util.tree_map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-            state_shardings)
-        state = manager.restore(resumed_from, args=ocp.args.StandardRestore(target))
+        state = restored
         writer.truncate_after(resumed_from)
         log.info("resumed from checkpoint at step %d", resumed_from)
     else:
         state = jax.device_put(state, state_shardings)
     start = int(state.step)
+    stop.step = start
+    stop.last_checkpoint = resumed_from
 
     def shard_batch(host_batch):
         def put(x):
@@ -363,6 +556,8 @@ def train(
         import orbax.checkpoint as ocp
 
         manager.save(int(s.step), args=ocp.args.StandardSave(s), force=True)
+        manager.wait_until_finished()  # a checkpoint counts as good once it is on disk
+        stop.last_checkpoint = int(s.step)
 
     history, eval_history, hook_history = [], [], []
     window: list[dict] = []
@@ -371,7 +566,8 @@ def train(
     if use_bar and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train")
+        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train",
+                   unit="step")
     stopped_by = "end"
     last_eval: dict = {}
     tokens_seen = 0
@@ -379,65 +575,72 @@ def train(
     batch = first_batch
     step = start
     try:
-        with _stop_signals() as stop:
-            while step < total_steps:
-                t_step = time.perf_counter()
-                state, metrics = compiled(state, batch)
-                step += 1
-                used_batch = batch
-                if step < total_steps:  # host-side batch prep overlaps the device's step
-                    batch = shard_batch(batch_fn(step))
-                metrics = jax.device_get(metrics)
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise NonFiniteLoss(step - 1, loss)
-                for hook in hooks:
-                    state, extra = hook(step, state, used_batch)
-                    if extra:
-                        writer.write(step, extra)
-                        hook_history.append({"step": step, **extra})
-                dt = time.perf_counter() - t_step
-                train_seconds += dt
-                tokens_seen += tokens_per_step
-                window.append({k: float(v) for k, v in metrics.items()
-                               if np.ndim(v) == 0} | {"step_time": dt})
-                if step % log_every == 0 or step == total_steps:
-                    record = {k: float(np.mean([w[k] for w in window if k in w]))
-                              for k in window[-1]}
-                    record["tokens_per_s"] = tokens_per_step / max(record["step_time"], 1e-12)
-                    if learning_rate is not None:
-                        record["lr"] = float(learning_rate(step - 1))
-                    writer.write(step, record)
-                    history.append({"step": step, **record})
-                    window = []
-                    if bar is None and jax.process_index() == 0:
-                        log.info("step %d/%d loss %.4f grad_norm %.3g tokens/s %.0f", step,
-                                 total_steps, record["loss"], record["grad_norm"],
-                                 record["tokens_per_s"])
-                if eval_jit is not None and eval_every and (step % eval_every == 0
-                                                            or step == total_steps):
-                    last_eval = evaluate(state)
-                    writer.write(step, last_eval)
-                    eval_history.append({"step": step, **last_eval})
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.3f}",
-                                    tok_s=f"{tokens_per_step / max(dt, 1e-12):.0f}")
-                if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-                    save(state)
-                if stop_at and step >= stop_at and step < total_steps:
-                    stop["signal"] = f"stop_at={stop_at}"
-                if stop["signal"] is not None:
-                    stopped_by = stop["signal"]
-                    log.warning("%s received: saving a checkpoint at step %d and stopping",
-                                stopped_by, step)
-                    break
-            if eval_jit is not None and (not eval_history or eval_history[-1]["step"] != step):
+        while step < total_steps:
+            if stop.signal is not None:  # arrived before this step (e.g. while compiling)
+                break
+            t_step = time.perf_counter()
+            state, metrics = compiled(state, batch)
+            used_batch = batch
+            if step + 1 < total_steps:  # host-side batch prep overlaps the device's step
+                batch = shard_batch(batch_fn(step + 1))
+            metrics = jax.device_get(metrics)
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(step, loss)
+            step += 1
+            for hook in hooks:
+                state, extra = hook(step, state, used_batch)
+                if extra:
+                    writer.write(step, extra)
+                    hook_history.append({"step": step, **extra})
+            stop.step = step
+            dt = time.perf_counter() - t_step
+            train_seconds += dt
+            tokens_seen += tokens_per_step
+            window.append({k: float(v) for k, v in metrics.items()
+                           if np.ndim(v) == 0} | {"step_time": dt})
+            if step % log_every == 0 or step == total_steps:
+                record = {k: float(np.mean([w[k] for w in window if k in w]))
+                          for k in window[-1]}
+                record["tokens_per_s"] = tokens_per_step / max(record["step_time"], 1e-12)
+                if learning_rate is not None:
+                    record["lr"] = float(learning_rate(step - 1))
+                writer.write(step, record)
+                history.append({"step": step, **record})
+                window = []
+                if bar is None and jax.process_index() == 0:
+                    done = step - start
+                    eta = (total_steps - step) * train_seconds / max(done, 1)
+                    log.info("step %d/%d loss %.4f grad_norm %.3g tokens/s %.0f eta %s", step,
+                             total_steps, record["loss"], record["grad_norm"],
+                             record["tokens_per_s"], _format_seconds(eta))
+            if eval_jit is not None and eval_every and (step % eval_every == 0
+                                                        or step == total_steps):
                 last_eval = evaluate(state)
                 writer.write(step, last_eval)
                 eval_history.append({"step": step, **last_eval})
-            if manager.latest_step() != step:
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}",
+                                tok_s=f"{tokens_per_step / max(dt, 1e-12):.0f}")
+            if stop_at and step >= stop_at and step < total_steps and stop.signal is None:
+                stop.signal = f"stop_at={stop_at}"
+            if stop.signal is not None:
+                break
+            if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
                 save(state)
+        if stop.signal is not None:
+            stop.acknowledge()
+            stopped_by = stop.signal
+            if not stopped_by.startswith("stop_at"):
+                log.warning("%s received: saving a checkpoint at step %d and stopping",
+                            stopped_by, step)
+        if eval_jit is not None and (not eval_history or eval_history[-1]["step"] != step):
+            last_eval = evaluate(state)
+            writer.write(step, last_eval)
+            eval_history.append({"step": step, **last_eval})
+        if manager.latest_step() != step:
+            save(state)
     finally:
         manager.wait_until_finished()
         manager.close()
@@ -459,4 +662,5 @@ def train(
         "train_seconds": train_seconds,
         "stopped_by": stopped_by,
         "resumed_from": resumed_from,
+        "broken_checkpoints": broken,
     }
