@@ -100,7 +100,8 @@ def test_hung_step_exits_after_the_grace_period_naming_the_step(tmp_path):
     assert 1.4 <= elapsed < 30, elapsed
     lines = [line for line in err.splitlines() if line.startswith("lrx:")]
     assert len(lines) == 1, err[-3000:]
-    assert "SIGTERM received during step 3 (2 steps done); no step boundary within 1.5 s" in lines[0]
+    assert ("SIGTERM received during step 3 (2 steps done); no step boundary within 1.5 s"
+            in lines[0])
     assert "Last good checkpoint: step 2" in lines[0]
     # the last good checkpoint is intact: a rerun resumes from it
     assert loop.latest_checkpoint_step(str(tmp_path)) == 2
