@@ -3,14 +3,23 @@
     python run.py --config=configs/NAME.py[:ARG] [--config.KEY=VALUE ...] [--workdir=DIR]
 
 Loads the config, dispatches on ``config.experiment`` to ``experiments/<experiment>.py``, validates
-the config before any compilation, saves the resolved config (``config.json``) and the command line
-(``overrides.json``) in the workdir, and runs ``run(config, workdir) -> summary``. User errors (a
-typo'd key, a wrong type, an impossible value) print one message and exit with code 2.
+the config before any compilation, checks that the workdir holds no run of another config (a rerun
+may change only the run length and the log/eval/checkpoint intervals;
+``--config.train.resume=False`` moves an old run aside), saves the resolved config
+(``config.json``) and the command line (``overrides.json``) in the workdir, limits the host BLAS
+threads, and runs ``run(config, workdir) -> summary``. User errors (a typo'd key, a wrong type, an
+impossible value, a workdir of another run) print one message and exit with code 2.
+
+``--config.optimizer.name=NAME`` (any key of an experiment's ``SECTION_SWITCHES``) rebuilds that
+section with NAME's own defaults before the section's other overrides are applied, so
+``configs/adamw.py --config.optimizer.name=galore --config.optimizer.rank=8`` works.
 """
 
 from __future__ import annotations
 
+import ast
 import json
+import logging as pylogging
 import os
 import sys
 
@@ -48,47 +57,117 @@ def _overrides(argv: list[str]) -> list[str]:
     return [a for a in argv if a.startswith("--config.")]
 
 
-class _QuietLibraries(logging.logging.Filter):
-    """Drops the INFO chatter of orbax (one line per file written) from the absl log."""
+_CHATTY = ("/orbax/", "/jax/_src/xla_bridge.py", "/tensorstore/")
+
+
+class _QuietLibraries(pylogging.Filter):
+    """Drops the INFO chatter of orbax (one line per file written) and of JAX's backend probing
+    from the absl log; their warnings and errors pass. ``record.levelno`` is a Python logging
+    level (absl's own ``logging.WARNING`` constant is an absl verbosity, -1)."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+        return (record.levelno >= pylogging.WARNING
+                or not any(part in record.pathname for part in _CHATTY))
+
+
+def install_log_filter() -> None:
+    """Adds :class:`_QuietLibraries` to the absl handler (and the Python handler it wraps)."""
+    handler = logging.get_absl_handler()
+    for h in (handler, getattr(handler, "python_handler", None)):
+        if h is not None and not any(isinstance(f, _QuietLibraries) for f in h.filters):
+            h.addFilter(_QuietLibraries())
+
+
+# Overrides of a switched section, applied in main() after the switch: [(key, raw value)].
+_DEFERRED: list[tuple[str, str]] = []
+_SWITCHED: list[tuple[str, str]] = []
+_ORIGINAL_ARGV: list[str] = []  # the command line when _parse_flags shortened sys.argv
 
 
 def main(argv: list[str]) -> int:
-    handler = logging.get_absl_handler()
-    for h in (handler, getattr(handler, "python_handler", None)):
-        if h is not None:
-            h.addFilter(_QuietLibraries())
+    install_log_filter()
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
     import experiments
-    from experiments.common import ConfigError, to_dict, write_json
+    from experiments.common import RESUME_KEYS, ConfigError, prepare_workdir, to_dict, write_json
 
     config = _CONFIG.value
-    config_arg = _config_arg(sys.argv)
+    command_line = _ORIGINAL_ARGV or sys.argv
+    config_arg = _config_arg(command_line)
     try:
         if "experiment" not in config:
             raise ConfigError("the config has no 'experiment' key. Valid experiments: "
                               + ", ".join(experiments.available()) + ".")
         module = experiments.load(config.experiment)
+        for key, value in _SWITCHED:
+            getattr(module, "SECTION_SWITCHES", {})[key](config, value)
+        for key, raw in _DEFERRED:
+            _set_override(config, key, raw)
+        if _SWITCHED:
+            key, value = _SWITCHED[0]
+            section = key.rsplit(".", 1)[0]
+            logging.warning("--config.%s=%s: config.%s is %s's own defaults plus the command "
+                            "line (%s)", key, value, section, value,
+                            ", ".join(f"{k}={v}" for k, v in config[section].items()))
         if hasattr(module, "validate"):
             module.validate(config)
+        workdir = _WORKDIR.value or default_workdir(config_arg)
+        train = config.get("train", {})
+        moved = prepare_workdir(workdir, to_dict(config), resume=train.get("resume", True),
+                                ignore=getattr(module, "RESUME_KEYS", RESUME_KEYS))
     except ConfigError as e:
         _fail(str(e))
+    if moved:
+        logging.warning("train.resume=False: moved the previous run in %s to %s", workdir, moved)
 
-    workdir = _WORKDIR.value or default_workdir(config_arg)
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), to_dict(config))
     write_json(os.path.join(workdir, "overrides.json"),
-               {"config": config_arg, "overrides": _overrides(sys.argv)})
+               {"config": config_arg, "overrides": _overrides(command_line)})
     logging.info("experiment=%s workdir=%s", config.experiment, workdir)
+    from lrx.train.loop import limit_blas_threads
+
+    limit_blas_threads(1)  # scipy's OpenBLAS threads spin against XLA's (see the function)
     try:
         summary = module.run(config, workdir)
     except ConfigError as e:
         _fail(str(e))
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _set_override(config, key: str, raw: str) -> None:
+    """Sets ``config.<key>`` from the command-line text ``raw``, typed like the current value."""
+    from experiments.common import ConfigError
+
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    old = node[leaf]
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            value = raw.lower() in ("true", "1")
+        elif isinstance(old, int):
+            value = int(raw)
+        elif isinstance(old, float):
+            value = float(raw)
+        elif isinstance(old, (tuple, list)):
+            value = type(old)(ast.literal_eval(raw))
+        elif isinstance(old, str):
+            value = raw
+        else:
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw
+    except (ValueError, SyntaxError, TypeError):
+        raise ConfigError(f"--config.{key}={raw}: expected a {type(old).__name__} (like the "
+                          f"default {old!r})") from None
+    with config.unlocked():
+        node[leaf] = value
 
 
 def _fail(message: str) -> None:
@@ -110,7 +189,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
     try:
         base = _load_config_file(path, arg) if config_arg != "config" else None
         if base is not None:
-            for override in _overrides(argv):
+            argv = _split_switches(base, argv)
+            if _SWITCHED:  # config_flags reads its overrides from sys.argv
+                _ORIGINAL_ARGV[:] = sys.argv
+                sys.argv = list(argv)
+            for override in _overrides(argv) + [f"--config.{k}={v}" for k, v in _DEFERRED]:
                 key = override[len("--config."):].split("=", 1)[0]
                 node, walked = base, []
                 for part in key.split("."):
@@ -128,6 +211,41 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         _fail(str(e))
     return []  # unreachable
+
+
+def _split_switches(base, argv: list[str]) -> list[str]:
+    """Handles ``--config.<switch key>=VALUE`` (an experiment's ``SECTION_SWITCHES``): applies the
+    switch to ``base`` (for the key checks), records it for main(), and takes the switched
+    section's overrides out of ``argv`` (main() applies them after the switch)."""
+    import experiments
+
+    if "experiment" not in base:
+        return argv
+    try:
+        switches = getattr(experiments.load(base.experiment), "SECTION_SWITCHES", {})
+    except Exception:  # noqa: BLE001 - an unknown experiment is reported by main()
+        return argv
+    kept = list(argv)
+    for key, switch in switches.items():
+        given = [a for a in argv if a.startswith(f"--config.{key}=")]
+        if not given:
+            continue
+        value = given[-1].split("=", 1)[1]
+        node = base
+        for part in key.split(".")[:-1]:
+            node = node[part]
+        if node.get(key.rsplit(".", 1)[1]) == value:
+            continue  # the file already chose it: keep the file's tuned section
+        switch(base, value)
+        _SWITCHED.append((key, value))
+        section = key.rsplit(".", 1)[0] + "."
+        for a in argv:
+            if a.startswith(f"--config.{section}"):
+                kept.remove(a)
+                name, raw = a[len("--config."):].split("=", 1) if "=" in a else (a, "")
+                if name != key:
+                    _DEFERRED.append((name, raw))
+    return kept
 
 
 def _load_config_file(path: str, arg: str):

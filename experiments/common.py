@@ -7,6 +7,7 @@ import difflib
 import json
 import math
 import os
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -18,8 +19,19 @@ class ConfigError(ValueError):
 
 
 def suggest(name: str, choices: Iterable[str]) -> str:
-    """' Did you mean X?' when ``name`` is close to one of ``choices``, else ''."""
-    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.6)
+    """' Did you mean X?' when ``name`` is close to one of ``choices`` (difflib's close matches,
+    or an abbreviation: the initials ``lr`` of ``learning_rate``, a prefix ``warm`` of
+    ``warmup_steps``), else ''."""
+    name, choices = str(name), [str(c) for c in choices]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
+    if not close and len(name) >= 2:
+        lowered = name.lower().replace("-", "_")
+        initials = [c for c in choices if "_" in c
+                    and "".join(w[0] for w in c.split("_") if w) == lowered]
+        prefixes = [c for c in choices if c.lower().startswith(lowered)]
+        close = (initials or prefixes)[:1]
+    if not close:
+        close = difflib.get_close_matches(name, choices, n=1, cutoff=0.5)
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
@@ -70,6 +82,79 @@ def check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str
         if not isinstance(value, type(ref)):
             raise ConfigError(f"config.{path}={value!r} must be a {type(ref).__name__} "
                               f"(like the default {ref!r}).")
+
+
+# Keys that may differ between a run and its resumption: how long it runs and how often it logs,
+# evaluates and checkpoints. Any other difference means the workdir holds a different run.
+RESUME_KEYS = ("train.steps", "train.stop_at", "train.log_every", "train.eval_every",
+               "train.checkpoint_every", "train.keep_checkpoints", "train.resume",
+               "train.stop_grace_seconds")
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'a.b': leaf}`` for a nested mapping (ConfigDicts included)."""
+    tree = tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any],
+                       ignore: Sequence[str] = RESUME_KEYS) -> dict[str, tuple[Any, Any]]:
+    """``{key: (old value, new value)}`` for every leaf that differs (a missing leaf is
+    ``'<absent>'``), except the keys in ``ignore``. Values compare as JSON."""
+    a, b = flatten(to_dict(old)), flatten(to_dict(new))
+    missing = "<absent>"
+    return {k: (a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k not in ignore and a.get(k, missing) != b.get(k, missing)}
+
+
+def prepare_workdir(workdir: str, config: Mapping[str, Any], *, resume: bool = True,
+                    ignore: Sequence[str] = RESUME_KEYS) -> str | None:
+    """Makes sure ``workdir`` may be used by a run of ``config`` (before anything is written).
+
+    A workdir holding another run's ``config.json`` is resumed only if the configs agree except
+    for ``ignore`` (run length and logging cadence); otherwise ConfigError names the differing keys
+    and the choices. With ``resume=False`` an existing run is moved aside to
+    ``<workdir>.old-<time>`` (never deleted) and its path returned; else returns None.
+    """
+    saved = os.path.join(workdir, "config.json")
+    if not resume:
+        if not (os.path.isdir(workdir) and os.listdir(workdir)):
+            return None
+        here = os.path.abspath(os.getcwd())
+        if os.path.commonpath([here, os.path.abspath(workdir)]) == os.path.abspath(workdir):
+            raise ConfigError(f"--config.train.resume=False would move {workdir}, which holds "
+                              "the current directory, aside; pass a sub-directory as --workdir")
+        moved = f"{os.path.normpath(workdir)}.old-{time.strftime('%Y%m%d-%H%M%S')}"
+        while os.path.exists(moved):
+            moved += "x"
+        os.replace(workdir, moved)
+        os.makedirs(workdir)
+        return moved
+    if not os.path.exists(saved):
+        return None
+    try:
+        with open(saved) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"workdir {workdir} has an unreadable config.json ({e}); use a new "
+                          "--workdir, or --config.train.resume=False to move the old run aside"
+                          ) from None
+    diff = config_differences(old, config, ignore)
+    if diff:
+        shown = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in list(diff.items())[:6])
+        more = f" (and {len(diff) - 6} more)" if len(diff) > 6 else ""
+        raise ConfigError(
+            f"workdir {workdir} holds a run with a different config ({shown}{more}); only the "
+            "run length and log/eval/checkpoint intervals may change when resuming. Choices: a "
+            "new --workdir, or --config.train.resume=False to move the old run aside to "
+            f"{os.path.normpath(workdir)}.old-<time> and start over.")
+    return None
 
 
 def to_dict(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict:

@@ -81,7 +81,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.train = ml_collections.ConfigDict(dict(
         steps=600, batch_size=16, micro_batches=1, log_every=20, eval_every=100,
         eval_windows=64, checkpoint_every=200, keep_checkpoints=3,
-        stop_at=0))  # stop_at > 0: checkpoint and exit after that step (resume later)
+        stop_at=0,  # stop_at > 0: checkpoint and exit after that step (resume later)
+        # resume=False: move an existing run in the workdir aside (<workdir>.old-<time>), start over
+        resume=True,
+        stop_grace_seconds=60.0))  # after SIGTERM/SIGINT: wait this long for a step boundary
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
     c.multihost = False
     # Weight parameterization (lrx.param) of the matrices matching `include`: 'none' keeps every
@@ -99,6 +102,21 @@ def defaults() -> ml_collections.ConfigDict:
         every=0, metrics=("effective_rank", "stable_rank", "top_r_energy"),
         targets=("grads", "params"), paths=PROJECT_ATTN_MLP, energy_rank=8))
     return c
+
+
+def switch_optimizer(config: ml_collections.ConfigDict, name: str) -> None:
+    """``--config.optimizer.name=NAME`` on the command line: the optimizer section becomes
+    NAME's own defaults (:func:`optimizer_defaults`), so NAME's keys are accepted and no key of
+    the previous optimizer is left behind."""
+    common.check_choice(name, OPTIMIZERS, "optimizer.name")
+    with config.unlocked():
+        config.optimizer = optimizer_defaults(name)
+
+
+# run.py: a command-line value of these keys rebuilds their section before the section's other
+# overrides are applied (key -> function(config, value)).
+SECTION_SWITCHES = {"optimizer.name": switch_optimizer}
+RESUME_KEYS = common.RESUME_KEYS
 
 
 def _schema() -> ml_collections.ConfigDict:
@@ -202,8 +220,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     common.check_keys(config, _schema())
     name = config.optimizer.get("name", "adamw")
     common.check_choice(name, OPTIMIZERS, "optimizer.name")
-    common.check_keys(config.optimizer, optimizer_defaults(name), prefix="optimizer.")
+    try:
+        common.check_keys(config.optimizer, optimizer_defaults(name), prefix="optimizer.")
+    except ConfigError as e:
+        unknown = [k for k in config.optimizer if k not in optimizer_defaults(name)]
+        owners = [n for n in OPTIMIZERS if unknown and unknown[0] in optimizer_defaults(n)]
+        if owners:
+            raise ConfigError(f"{e} ('{unknown[0]}' is a key of {', '.join(owners)}: switch with "
+                              f"--config.optimizer.name={owners[0]}, which brings its defaults.)"
+                              ) from None
+        raise
     c = _merged(config)
+    _check_finite(c)
     common.check_choice(c.model.preset, PRESET_NAMES, "model.preset")
     common.check_choice(c.model.dtype, DTYPES, "model.dtype")
     common.check_choice(c.model.param_dtype, DTYPES, "model.param_dtype")
@@ -216,6 +244,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
             common.check_choice(play, list(plays), "data.val_plays[...]")
     if c.data.source == "text_files" and not (c.data.paths and c.data.val_paths):
         raise ConfigError("data.source='text_files' needs data.paths and data.val_paths (globs)")
+    if c.data.source == "text_files":
+        from lrx.data import text
+
+        common.check_positive(c.data.seq_len, "data.seq_len")
+        try:
+            text.text_files(c.data.paths, c.data.val_paths, min_bytes=c.data.seq_len + 1)
+        except ValueError as e:
+            raise ConfigError(f"config.{e}") from None
     if c.data.source == "hf" and not c.data.hf_name:
         raise ConfigError("data.source='hf' needs data.hf_name (e.g. 'allenai/c4')")
     for key in ("data.seq_len", "train.steps", "train.batch_size", "train.micro_batches",
@@ -228,6 +264,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "train.stop_at"):
         section, leaf = key.split(".")
         common.check_positive(c[section][leaf], key, allow_zero=True)
+    common.check_positive(c.train.stop_grace_seconds, "train.stop_grace_seconds")
+    _check_optimizer_values(c.optimizer)
     from lrx.models.llama import PRESETS
 
     if c.data.seq_len > PRESETS[c.model.preset].max_len:
@@ -278,6 +316,87 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if c.train.eval_windows % dp:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
+    _check_projection(c)
+
+
+def _check_finite(c: ml_collections.ConfigDict) -> None:
+    """NaN or infinity anywhere in the config is a mistake (e.g. ``optimizer.scale=nan``)."""
+    defaults_ = common.flatten(_schema())
+    for key, value in common.flatten(c).items():
+        if isinstance(value, float) and not math.isfinite(value):
+            default = defaults_.get(key)
+            raise ConfigError(f"config.{key}={value} must be a finite number"
+                              + (f" (default {default!r})." if default is not None else "."))
+
+
+def _check_optimizer_values(o: ml_collections.ConfigDict) -> None:
+    """Ranges of the optimizer hyperparameters (only the keys the optimizer has)."""
+    positive = ("learning_rate", "scale", "gamma", "rank", "update_proj_gap")
+    for key in positive:
+        if key in o:
+            common.check_positive(o[key], f"optimizer.{key}")
+    if "rank" in o and not isinstance(o.rank, int):
+        raise ConfigError(f"config.optimizer.rank={o.rank!r} must be an integer > 0.")
+    if "state_free_lr_scale" in o:
+        common.check_positive(o.state_free_lr_scale, "optimizer.state_free_lr_scale",
+                              allow_zero=True)
+    ranges = {"b1": (0.0, 1.0, "0 <= b1 < 1"), "b2": (0.0, 1.0, "0 <= b2 < 1")}
+    for key, (lo, hi, text) in ranges.items():
+        if key in o and not lo <= o[key] < hi:
+            raise ConfigError(f"config.optimizer.{key}={o[key]!r} must satisfy {text}.")
+    if "density" in o and not 0.0 < o.density <= 1.0:
+        raise ConfigError(f"config.optimizer.density={o.density!r} must satisfy "
+                          "0 < density <= 1 (the fraction of each matrix updated by Adam).")
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"config.optimizer.min_lr_ratio={o.min_lr_ratio!r} must satisfy "
+                          "0 <= min_lr_ratio <= 1.")
+
+
+_warned: set[str] = set()
+
+
+def _check_projection(c: ml_collections.ConfigDict) -> None:
+    """The projected matrices of the model (``optimizer.project``) exist, and ``optimizer.rank``
+    reduces them: a rank >= a matrix's smaller dimension keeps full-rank moments for it (more
+    state than AdamW). Warns once naming such matrices; an error when none is reduced."""
+    if c.optimizer.name == "adamw" or c.param.method != "none":
+        return
+    import jax
+    import jax.numpy as jnp
+
+    from lrx.data import text
+
+    model, _ = build_model(c, text.VOCAB_SIZE)
+    shapes = jax.eval_shape(lambda: model.init(
+        jax.random.key(0), jnp.zeros((1, c.data.seq_len), jnp.int32))["params"])
+    pattern = re.compile(c.optimizer.project)
+    projected = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
+        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        if len(leaf.shape) >= 2 and pattern.fullmatch(name):
+            projected[name] = tuple(leaf.shape)
+    if not projected:
+        raise ConfigError(f"optimizer.project={c.optimizer.project!r} matches no matrix; "
+                          "parameter paths look like 'layers_0/attn/q/kernel'")
+    if "rank" not in c.optimizer:
+        return
+    rank = c.optimizer.rank
+    full = {n: s for n, s in projected.items() if rank >= min(s[-2:])}
+    if not full:
+        return
+    smallest = min(min(s[-2:]) for s in projected.values())
+    names = ", ".join(f"{n} {'x'.join(map(str, s[-2:]))}" for n, s in list(full.items())[:4])
+    names += f" (and {len(full) - 4} more)" if len(full) > 4 else ""
+    if len(full) == len(projected):
+        raise ConfigError(
+            f"config.optimizer.rank={rank} is >= the smaller dimension of every projected matrix "
+            f"({names}): {c.optimizer.name} would keep full-rank state (more than AdamW). "
+            f"Choose --config.optimizer.rank below {smallest}, or optimizer.name='adamw'.")
+    message = (f"optimizer.rank={rank} does not reduce {len(full)} of the {len(projected)} "
+               f"projected matrices ({names}): they keep full-rank optimizer state")
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 PARAM_METHODS = ("none", "lowrank", "lora", "dora", "sltrain", "nola", "randlora", "vera")
@@ -376,7 +495,7 @@ def load_corpus(d: ml_collections.ConfigDict):
     if d.source == "shakespeare":
         return text.load_shakespeare(tuple(d.val_plays))
     if d.source == "text_files":
-        return text.load_text_files(d.paths, d.val_paths)
+        return text.load_text_files(d.paths, d.val_paths, min_bytes=d.seq_len + 1)
     return text.load_hf(d.hf_name, config_name=d.hf_config or None, text_field=d.hf_text_field,
                         train_bytes=d.hf_train_bytes, val_bytes=d.hf_val_bytes)
 
@@ -479,7 +598,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             eval_every=c.train.eval_every, log_every=c.train.log_every,
             checkpoint_every=c.train.checkpoint_every,
             keep_checkpoints=c.train.keep_checkpoints, learning_rate=schedule,
-            tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at, hooks=hooks)
+            tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at, hooks=hooks,
+            stop_grace_seconds=c.train.stop_grace_seconds)
+    except loop.CheckpointMismatch as e:
+        raise ConfigError(str(e)) from None
     except loop.NonFiniteLoss as e:
         summary = {"status": "diverged", "error": str(e), "step": e.step}
         common.write_summary(workdir, summary)

@@ -92,21 +92,51 @@ def load_shakespeare(val_plays: Sequence[str]) -> Corpus:
                   tuple(train_keys), tuple(val_plays))
 
 
-def load_text_files(paths: str, val_paths: str) -> Corpus:
-    """A local corpus: ``paths`` and ``val_paths`` are glob patterns (comma-separated lists allowed)
-    of UTF-8/byte text files; the validation files are held out whole."""
-    def expand(patterns: str) -> list[str]:
-        files = []
-        for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
-            files.extend(sorted(glob.glob(os.path.expanduser(pattern), recursive=True)))
-        return [f for f in dict.fromkeys(files) if os.path.isfile(f)]
+def expand_paths(patterns: str) -> list[str]:
+    """The files matched by ``patterns`` (comma-separated globs, ``~`` and ``**`` allowed), sorted
+    per pattern, without duplicates or directories."""
+    files = []
+    for pattern in (p.strip() for p in patterns.split(",") if p.strip()):
+        files.extend(sorted(glob.glob(os.path.expanduser(pattern), recursive=True)))
+    return [f for f in dict.fromkeys(files) if os.path.isfile(f)]
 
-    val_files = expand(val_paths)
-    train_files = [f for f in expand(paths) if f not in set(val_files)]
-    if not train_files:
-        raise ValueError(f"data.paths={paths!r} matches no training file")
+
+def text_files(paths: str, val_paths: str, *, min_bytes: int = 2) -> tuple[list[str], list[str]]:
+    """``(train_files, val_files)`` for :func:`load_text_files`, checked without reading them.
+
+    Raises ValueError (one line naming the problem and the choices) when a pattern matches no
+    file, when every training file is also a validation file, or when the training or validation
+    text is shorter than ``min_bytes`` (one window of ``seq_len + 1`` tokens).
+    """
+    val_files = expand_paths(val_paths)
+    all_train = expand_paths(paths)
+    train_files = [f for f in all_train if f not in set(val_files)]
+    if not all_train:
+        raise ValueError(f"data.paths={paths!r} matches no file; give a glob of existing text "
+                         "files (comma-separated globs allowed)")
     if not val_files:
-        raise ValueError(f"data.val_paths={val_paths!r} matches no validation file")
+        raise ValueError(f"data.val_paths={val_paths!r} matches no file; give a glob of existing "
+                         "held-out text files (comma-separated globs allowed)")
+    if not train_files:
+        raise ValueError(f"data.paths and data.val_paths both name {', '.join(all_train[:3])}: "
+                         "validation files are held out of training, so no training file is "
+                         "left; point data.val_paths at other files than data.paths")
+    for files, what, key in ((train_files, "training", "data.paths"),
+                             (val_files, "validation", "data.val_paths")):
+        size = sum(os.path.getsize(f) for f in files) + len(_SEPARATOR) * (len(files) - 1)
+        if size < min_bytes:
+            raise ValueError(f"{key}={(paths if key == 'data.paths' else val_paths)!r}: the "
+                             f"{what} text ({len(files)} file(s)) holds {size} bytes, fewer than "
+                             f"one window of data.seq_len + 1 = {min_bytes} bytes; add text or "
+                             "lower data.seq_len")
+    return train_files, val_files
+
+
+def load_text_files(paths: str, val_paths: str, *, min_bytes: int = 2) -> Corpus:
+    """A local corpus: ``paths`` and ``val_paths`` are glob patterns (comma-separated lists allowed)
+    of UTF-8/byte text files; the validation files are held out whole. Raises ValueError as
+    :func:`text_files` does (``min_bytes``: one window, ``seq_len + 1``)."""
+    train_files, val_files = text_files(paths, val_paths, min_bytes=min_bytes)
     read = lambda fs: _SEPARATOR.join(open(f, "rb").read() for f in fs)
     return Corpus(np.frombuffer(read(train_files), np.uint8),
                   np.frombuffer(read(val_files), np.uint8), "text_files",
