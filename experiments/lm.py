@@ -380,23 +380,33 @@ def _check_projection(c: ml_collections.ConfigDict) -> None:
                           "parameter paths look like 'layers_0/attn/q/kernel'")
     if "rank" not in c.optimizer:
         return
-    rank = c.optimizer.rank
+    error, warning = rank_report(c.optimizer.rank, projected, c.optimizer.name)
+    if error:
+        raise ConfigError(error)
+    if warning and warning not in _warned:
+        _warned.add(warning)
+        log.warning("%s", warning)
+
+
+def rank_report(rank: int, projected: dict[str, tuple[int, ...]],
+                optimizer: str = "galore") -> tuple[str | None, str | None]:
+    """``(error, warning)`` for a projection rank over the projected matrices ``{path: shape}``
+    (the matrix is the last two axes): a warning naming the matrices whose smaller dimension is
+    <= ``rank`` (they keep full-rank state), an error when that is every matrix."""
     full = {n: s for n, s in projected.items() if rank >= min(s[-2:])}
     if not full:
-        return
+        return None, None
     smallest = min(min(s[-2:]) for s in projected.values())
     names = ", ".join(f"{n} {'x'.join(map(str, s[-2:]))}" for n, s in list(full.items())[:4])
     names += f" (and {len(full) - 4} more)" if len(full) > 4 else ""
     if len(full) == len(projected):
-        raise ConfigError(
-            f"config.optimizer.rank={rank} is >= the smaller dimension of every projected matrix "
-            f"({names}): {c.optimizer.name} would keep full-rank state (more than AdamW). "
-            f"Choose --config.optimizer.rank below {smallest}, or optimizer.name='adamw'.")
-    message = (f"optimizer.rank={rank} does not reduce {len(full)} of the {len(projected)} "
-               f"projected matrices ({names}): they keep full-rank optimizer state")
-    if message not in _warned:
-        _warned.add(message)
-        log.warning("%s", message)
+        error = (f"config.optimizer.rank={rank} is >= the smaller dimension of every projected "
+                 f"matrix ({names}): {optimizer} would keep full-rank state (more than AdamW). "
+                 f"Choose --config.optimizer.rank below {smallest}, or optimizer.name='adamw'.")
+        return error, None
+    return None, (f"optimizer.rank={rank} does not reduce {len(full)} of the {len(projected)} "
+                  f"projected matrices ({names}): they keep full-rank optimizer state; choose "
+                  f"optimizer.rank below {smallest} to reduce all")
 
 
 PARAM_METHODS = ("none", "lowrank", "lora", "dora", "sltrain", "nola", "randlora", "vera")

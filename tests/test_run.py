@@ -34,3 +34,87 @@ def test_config_smoke(name, tmp_path):
     assert os.path.exists(tmp_path / "config.json")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary, "empty summary"
+
+
+def _error_lines(stderr):
+    return [line for line in stderr.splitlines() if line.startswith("lrx: error:")]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config=configs/adamw.py", "--config.optimizer.lr=0.1"],
+     "config.optimizer has no key 'lr'. Did you mean 'learning_rate'?"),
+    (["--config=configs/galore.py", "--config.optimizer.scale=nan"],
+     "config.optimizer.scale=nan must be a finite number (default 0.25)."),
+    (["--config=configs/galore.py", "--config.optimizer.rank=1000"],
+     "config.optimizer.rank=1000 is >= the smaller dimension of every projected matrix"),
+    (["--config=configs/adamw.py", "--config.optimizer.name=galore"],  # GaLore's default rank 128
+     "config.optimizer.rank=128 is >= the smaller dimension of every projected matrix"),
+])
+def test_bad_inputs_fail_before_compiling_with_one_line(args, message, tmp_path):
+    out = run_cli(*args, f"--workdir={tmp_path / 'w'}", timeout=120)
+    assert out.returncode == 2, out.stderr[-3000:]
+    assert "Traceback" not in out.stderr
+    errors = _error_lines(out.stderr)
+    assert len(errors) == 1 and message in errors[0], out.stderr[-3000:]
+    assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_bad_text_file_fails_before_compiling(tmp_path):
+    (tmp_path / "tiny.txt").write_bytes(b"hello")
+    (tmp_path / "val.txt").write_bytes(b"x" * 1000)
+    out = run_cli("--config=configs/adamw.py", "--config.data.source=text_files",
+                  f"--config.data.paths={tmp_path / 'tiny.txt'}",
+                  f"--config.data.val_paths={tmp_path / 'val.txt'}", f"--workdir={tmp_path / 'w'}",
+                  timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    errors = _error_lines(out.stderr)
+    assert len(errors) == 1 and "holds 5 bytes, fewer than one window" in errors[0]
+
+
+@pytest.mark.parametrize("config,switch,extra,expected", [
+    ("adamw", "galore", ["--config.optimizer.rank=8"], {"name": "galore", "rank": 8}),
+    ("galore", "adamw", [], {"name": "adamw"}),
+])
+def test_switching_the_optimizer_on_the_command_line(config, switch, extra, expected, tmp_path):
+    out = run_cli(f"--config=configs/{config}.py:smoke", f"--config.optimizer.name={switch}",
+                  *extra, "--config.train.steps=1", f"--workdir={tmp_path}", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    saved = json.loads((tmp_path / "config.json").read_text())["optimizer"]
+    assert expected.items() <= saved.items()
+    if switch == "adamw":
+        assert "rank" not in saved  # nothing of GaLore's section is left behind
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["optimizer"] == switch
+
+
+def test_workdir_of_another_config_is_refused_and_console_is_quiet(tmp_path):
+    workdir = tmp_path / "run"
+    base = ["--config=configs/galore.py:smoke", "--config.train.steps=2", f"--workdir={workdir}"]
+    first = run_cli(*base, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    chatter = [line for line in first.stderr.splitlines() if "orbax" in line or "libtpu" in line]
+    assert chatter == [], chatter[:5]
+    saved = (workdir / "config.json").read_text()
+
+    changed = run_cli(*base, "--config.optimizer.learning_rate=0.5", timeout=120)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    errors = _error_lines(changed.stderr)
+    assert len(errors) == 1, changed.stderr[-3000:]
+    assert "holds a run with a different config (optimizer.learning_rate: 0.01 -> 0.5)" in errors[0]
+    assert "--config.train.resume=False" in errors[0]
+    assert (workdir / "config.json").read_text() == saved  # never overwritten
+
+    longer = run_cli(*base[:-2], "--config.train.steps=3", base[-1], timeout=300)
+    assert longer.returncode == 0, longer.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["resumed_from"] == 2 and summary["steps"] == 3
+
+    restart = run_cli(*base, "--config.optimizer.rank=4", "--config.train.resume=False",
+                      timeout=300)
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    old = [p for p in os.listdir(tmp_path) if p.startswith("run.old-")]
+    assert len(old) == 1
+    assert json.loads((tmp_path / old[0] / "summary.json").read_text())["steps"] == 3
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["resumed_from"] is None and summary["steps"] == 2
+    assert json.loads((workdir / "config.json").read_text())["optimizer"]["rank"] == 4

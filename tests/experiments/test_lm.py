@@ -92,3 +92,128 @@ def test_analysis_hook_changes_nothing_in_training(tmp_path):
                for k in r)
     assert not any(k.startswith("grad/") for line in open(tmp_path / "off" / "metrics.jsonl")
                    for k in json.loads(line))
+
+
+# --- bad inputs fail before compiling, with one line naming the problem and the choices ---------
+
+def _text_config(tmp_path, train: bytes | None, val: bytes | None, same=False):
+    c = lm.defaults()
+    c.data.source = "text_files"
+    train_path, val_path = tmp_path / "train.txt", tmp_path / "val.txt"
+    if train is not None:
+        train_path.write_bytes(train)
+    if val is not None:
+        val_path.write_bytes(val)
+    c.data.paths = str(train_path)
+    c.data.val_paths = str(train_path if same else val_path)
+    return c
+
+
+@pytest.mark.parametrize("train,val,same,message", [
+    (b"", b"x" * 1000, False, r"the training text \(1 file\(s\)\) holds 0 bytes, fewer than one "
+                              r"window of data.seq_len \+ 1 = 129 bytes; add text or lower"),
+    (b"hello", b"x" * 1000, False, r"training text \(1 file\(s\)\) holds 5 bytes"),
+    (b"x" * 1000, b"", False, r"data.val_paths=.*the validation text \(1 file\(s\)\) holds 0"),
+    (b"x" * 1000, None, True, r"data.paths and data.val_paths both name .*train.txt: validation "
+                              r"files are held out of training.*point data.val_paths at other"),
+    (None, b"x" * 1000, False, r"data.paths=.*matches no file; give a glob of existing"),
+])
+def test_bad_text_files_fail_in_validate(tmp_path, train, val, same, message):
+    with pytest.raises(ConfigError, match=message):
+        lm.validate(_text_config(tmp_path, train, val, same))
+
+
+def test_text_files_long_enough_pass(tmp_path):
+    lm.validate(_text_config(tmp_path, b"x" * 200, b"y" * 200))
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("scale", float("nan"), r"config.optimizer.scale=nan must be a finite number \(default 0.25\)"),
+    ("learning_rate", float("inf"), r"optimizer.learning_rate=inf must be a finite number"),
+    ("scale", -1.0, r"optimizer.scale=-1.0 must be a finite number > 0"),
+    ("b2", 1.0, r"optimizer.b2=1.0 must satisfy 0 <= b2 < 1"),
+])
+def test_nan_and_out_of_range_hyperparameters(key, value, message):
+    c = lm.defaults()
+    lm.switch_optimizer(c, "galore")
+    c.optimizer.rank = 8
+    c.optimizer[key] = value
+    with pytest.raises(ConfigError, match=message):
+        lm.validate(c)
+
+
+def test_frugal_density_range():
+    c = lm.defaults()
+    lm.switch_optimizer(c, "frugal")
+    c.optimizer.density = 0.0
+    with pytest.raises(ConfigError, match=r"density=0.0 must satisfy 0 < density <= 1"):
+        lm.validate(c)
+
+
+@pytest.mark.parametrize("rank", [128, 1000])
+def test_rank_that_reduces_no_projected_matrix_is_an_error(rank):
+    c = lm.defaults()
+    lm.switch_optimizer(c, "galore")
+    c.optimizer.rank = rank
+    with pytest.raises(ConfigError, match=rf"optimizer.rank={rank} is >= the smaller dimension of "
+                       r"every projected matrix \(layers_0/attn/k/kernel 128x128.*below 128"):
+        lm.validate(c)
+    c.model.scan_layers = True  # stacked (layers, m, n) kernels: the matrix is the last two axes
+    with pytest.raises(ConfigError, match=r"\(layers/attn/k/kernel 128x128"):
+        lm.validate(c)
+
+
+def test_rank_report_warns_naming_the_unreduced_matrices():
+    projected = {"a/kernel": (64, 256), "b/kernel": (6, 16, 512), "c/kernel": (256, 256)}
+    error, warning = lm.rank_report(8, projected)
+    assert error is None and warning is None
+    error, warning = lm.rank_report(64, projected)
+    assert error is None
+    assert warning == ("optimizer.rank=64 does not reduce 2 of the 3 projected matrices "
+                       "(a/kernel 64x256, b/kernel 16x512): they keep full-rank optimizer state; "
+                       "choose optimizer.rank below 16 to reduce all")
+    error, _ = lm.rank_report(256, projected)
+    assert error and "every projected matrix" in error
+
+
+def test_rank_warning_is_logged_once(caplog, monkeypatch):
+    monkeypatch.setattr(lm, "rank_report", lambda *a: (None, "optimizer.rank=9 does not reduce"))
+    monkeypatch.setattr(lm, "_warned", set())
+    c = lm.defaults()
+    lm.switch_optimizer(c, "galore")
+    c.optimizer.rank = 9
+    with caplog.at_level("WARNING", logger="lrx.lm"):
+        lm.validate(c)
+        lm.validate(c)
+    assert [r.getMessage() for r in caplog.records].count("optimizer.rank=9 does not reduce") == 1
+
+
+def test_switching_the_optimizer_brings_its_own_keys():
+    c = lm.defaults()  # AdamW
+    lm.switch_optimizer(c, "galore")
+    assert c.optimizer.rank == 128 and c.optimizer.update_proj_gap == 200
+    c.optimizer.rank = 8
+    lm.validate(c)
+    lm.switch_optimizer(c, "adamw")  # back: no GaLore key is left behind
+    assert "rank" not in c.optimizer
+    lm.validate(c)
+    with pytest.raises(ConfigError, match=r"optimizer.name='galroe' is not valid.*'galore'"):
+        lm.switch_optimizer(c, "galroe")
+
+
+def test_a_key_of_another_optimizer_names_its_owner():
+    c = lm.defaults()
+    c.optimizer.density = 0.5
+    with pytest.raises(ConfigError, match=r"optimizer.density is not a known key.*'density' is a "
+                       r"key of frugal: switch with --config.optimizer.name=frugal"):
+        lm.validate(c)
+
+
+def test_abbreviated_keys_get_a_suggestion():
+    from experiments.common import suggest
+
+    keys = lm.optimizer_defaults("galore").keys()
+    assert suggest("lr", keys) == " Did you mean 'learning_rate'?"
+    assert suggest("wd", keys) == " Did you mean 'weight_decay'?"
+    assert suggest("rnak", keys) == " Did you mean 'rank'?"
+    assert suggest("zzz", keys) == ""
