@@ -201,7 +201,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
                     if part not in keys:
                         where = "config." + ".".join(walked) if walked else "config"
                         _fail(f"{override}: {where} has no key {part!r}.{suggest(part, keys)} "
-                              f"Valid keys: {', '.join(sorted(keys))}.")
+                              f"Valid keys: {', '.join(sorted(keys))}.{_hint(base, key)}")
                     node, walked = node[part], walked + [part]
         out = flags.FLAGS(argv)
         _ = _CONFIG.value.keys()  # surfaces lazy config-loading errors here
@@ -211,6 +211,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
     except flags.Error as e:
         _fail(str(e))
     return []  # unreachable
+
+
+def _hint(base, key: str) -> str:
+    """The experiment's ``section_hint(key)`` (e.g. which optimizer has the key), or ''."""
+    import experiments
+
+    try:
+        return getattr(experiments.load(base.experiment), "section_hint", lambda k: "")(key)
+    except Exception:  # noqa: BLE001 - a hint must never mask the error itself
+        return ""
 
 
 def _split_switches(base, argv: list[str]) -> list[str]:

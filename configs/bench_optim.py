@@ -2,15 +2,15 @@
 sets (update time without/with refresh, optimizer-state bytes, compiled memory) plus a full
 train-step row (forward + backward + update of real models).
 
-    OPENBLAS_NUM_THREADS=1 python run.py --config=configs/bench_optim.py   # LLaMA-60M, minutes
+    python run.py --config=configs/bench_optim.py                    # LLaMA-60M, minutes
     python run.py --config=configs/bench_optim.py:llama_130m         # + the 130M set
     python run.py --config=configs/bench_optim.py:llama_350m         # + the 350M set
     python run.py --config=configs/bench_optim.py:no_train_step      # optimizer rows only
     python run.py --config=configs/bench_optim.py:smoke              # tiny shapes, seconds
 
-Variant tokens combine with commas (``llama_130m,no_train_step``). On CPU set
-``OPENBLAS_NUM_THREADS=1``: XLA:CPU's SVD/QR/eigh run in scipy's OpenBLAS, whose busy-waiting
-threads make decompositions 30-500x slower on a shared machine.
+Variant tokens combine with commas (``llama_130m,no_train_step``). The harness limits the host
+BLAS to one thread (threadpoolctl): XLA:CPU's SVD/QR/eigh run in scipy's OpenBLAS, whose
+busy-waiting threads made decompositions 30-500x slower on a shared machine.
 """
 
 import ml_collections

@@ -299,12 +299,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     import jax
 
     t0 = time.perf_counter()
-    blas = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
-    if blas != "1":
-        # XLA:CPU runs SVD/QR/eigh through scipy's OpenBLAS LAPACK whose worker threads busy-wait:
-        # on a shared CPU a 128x352 SVD then takes 0.3-7 s instead of ~8 ms, for every optimizer.
-        log.warning("OPENBLAS_NUM_THREADS=%s: on a shared CPU run with OPENBLAS_NUM_THREADS=1 "
-                    "or the SVD/QR timings measure thread contention", blas)
+    from lrx.train.loop import limit_blas_threads
+
+    # XLA:CPU runs SVD/QR/eigh through scipy's OpenBLAS LAPACK whose worker threads busy-wait: on
+    # a shared CPU a 128x352 SVD took 0.3-7 s instead of ~8 ms unless BLAS is limited to 1 thread.
+    pools = limit_blas_threads(1)
+    blas = ",".join(sorted({str(p["num_threads"]) for p in pools})) or "unknown"
     rows, train_rows = [], []
     for model in config.models:
         rows += bench_updates(config, model)
@@ -313,7 +313,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             train_rows += bench_train_step(config, model)
     ratio_rows = ratios(rows)
     device = (f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-              f"{os.cpu_count()} CPU cores visible, OPENBLAS_NUM_THREADS={blas}")
+              f"{os.cpu_count()} CPU cores visible, BLAS threads {blas} (threadpoolctl)")
     text = common.write_table(workdir, "bench", rows, title=f"Optimizer update ({device})")
     if train_rows:
         text += "\n## Train step (forward + backward + update, non-refresh step)\n\n"

@@ -113,6 +113,18 @@ def switch_optimizer(config: ml_collections.ConfigDict, name: str) -> None:
         config.optimizer = optimizer_defaults(name)
 
 
+def section_hint(key: str) -> str:
+    """For run.py's unknown-key message: ' (KEY is a key of galore, fira: add
+    --config.optimizer.name=galore.)' when an optimizer key belongs to other optimizers."""
+    section, _, leaf = key.partition(".")
+    owners = [n for n in OPTIMIZERS if leaf in optimizer_defaults(n)] if section == "optimizer" \
+        else []
+    if not owners or "." in leaf:
+        return ""
+    return (f" ('{leaf}' is a key of {', '.join(owners)}: add --config.optimizer.name={owners[0]}"
+            ", which brings its defaults.)")
+
+
 # run.py: a command-line value of these keys rebuilds their section before the section's other
 # overrides are applied (key -> function(config, value)).
 SECTION_SWITCHES = {"optimizer.name": switch_optimizer}

@@ -165,3 +165,12 @@ def test_no_restorable_checkpoint_is_one_clear_error_and_moves_nothing(tmp_path)
                    progress=False, tensorboard=False)
     assert os.listdir(tmp_path / "checkpoints") == ["2"]
     assert not (tmp_path / "checkpoints.broken").exists()
+
+
+def test_training_limits_blas_threads_without_environment_variables(tmp_path):
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):  # restored afterwards
+        _train(tmp_path, 1)
+        pools = [p for p in threadpool_info() if p["user_api"] == "blas"]
+        assert pools and all(p["num_threads"] == 1 for p in pools), pools
