@@ -4,8 +4,9 @@ which case is running when a run hangs.
 
     python -m tests.experiments.lm_cases OUT_FILE WORKDIR MESH_DATA MESH_FSDP CASE [CASE ...]
 
-CASE is ``<config name>:<scan|unrolled>`` (``configs/<config name>.py``). Each case: the config's
-``smoke`` variant with 5 steps, batch 8, ``update_proj_gap=2`` (refreshes after steps 2 and 4).
+CASE is ``<config name>:<scan|unrolled>[:<optimizer key>=<value>]`` (``configs/<config name>.py``).
+Each case: the config's ``smoke`` variant with 5 steps, batch 8, ``update_proj_gap=2`` (refreshes
+after steps 2 and 4).
 """
 
 import importlib.util
@@ -19,7 +20,7 @@ from tests.conftest import ROOT
 STEPS, GAP = 5, 2
 
 
-def case_config(name: str, layout: str, data: int, fsdp: int):
+def case_config(name: str, layout: str, data: int, fsdp: int, setting: str = ""):
     spec = importlib.util.spec_from_file_location(f"_config_{name}",
                                                   os.path.join(ROOT, "configs", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
@@ -31,6 +32,9 @@ def case_config(name: str, layout: str, data: int, fsdp: int):
     config.mesh.data, config.mesh.fsdp = data, fsdp
     if "update_proj_gap" in config.optimizer:
         config.optimizer.update_proj_gap = GAP
+    if setting:
+        key, value = setting.split("=", 1)
+        config.optimizer[key] = type(config.optimizer[key])(value)
     return config
 
 
@@ -45,12 +49,12 @@ def main(out_file, workdir, data, fsdp, *cases):
             os.fsync(f.fileno())
 
     for case in cases:
-        name, layout = case.split(":")
+        name, layout, *setting = case.split(":")
         emit({"case": case, "event": "start"})
         try:
-            config = case_config(name, layout, int(data), int(fsdp))
+            config = case_config(name, layout, int(data), int(fsdp), *setting)
             lm.validate(config)
-            sub = os.path.join(workdir, case.replace(":", "-"))
+            sub = os.path.join(workdir, "".join(ch if ch.isalnum() else "-" for ch in case))
             lm.run(config, sub)
             losses = [r["loss"] for r in loop.read_metrics(sub) if "loss" in r]
             emit({"case": case, "event": "done", "losses": losses})

@@ -2,13 +2,16 @@
 layers, across two projection refreshes, reproduces the 1-device losses, and never hangs.
 
 The cases run in two child processes (1 device, 8 devices; one JAX start-up each) watched by the
-parent: a case that makes no progress for ``LRX_CASE_TIMEOUT`` seconds (default 240) is killed and
+parent: a case that makes no progress for ``LRX_CASE_TIMEOUT`` seconds (default 150) is killed and
 FAILS as hung (the child restarts with the remaining cases), so a deadlock fails the suite instead
 of stalling CI. AdamW is the control that checks the harness itself.
 
 Tolerance: relative 1e-5 on every step's loss (the reductions are ordered differently on 8
-devices). FRUGAL's state-free part is signSGD: an entry whose gradient is ~0 can flip sign under a
-different reduction order, so FRUGAL gets ``FRUGAL_RTOL`` (documented below, measured).
+devices; measured: AdamW 1.0e-7, GaLore 1.1e-7, Fira 1.3e-7, unrolled). FRUGAL's state-free part
+is signSGD: an entry whose gradient is ~0 flips sign under a different reduction order and moves by
+a whole learning rate, so FRUGAL gets ``FRUGAL_RTOL`` (measured 2.2e-4 at step 5, unrolled). The
+control case ``frugal:unrolled:state_free=sgd`` (plain SGD on the same complement) must match at
+1e-5, which shows that the difference is signSGD's and not the projection's or the sharding's.
 """
 
 import json
@@ -24,15 +27,17 @@ from tests.conftest import ROOT
 LAYOUTS = ("unrolled", "scan")
 OPTIMIZERS = ("galore", "frugal", "fira", "apollo")
 RTOL = 1e-5
-FRUGAL_RTOL = 1e-4  # signSGD on near-zero gradient entries (see module docstring)
-CASE_TIMEOUT = float(os.environ.get("LRX_CASE_TIMEOUT", "240"))
+FRUGAL_RTOL = 1e-3  # signSGD on near-zero gradient entries (see module docstring)
+CASE_TIMEOUT = float(os.environ.get("LRX_CASE_TIMEOUT", "150"))
+FRUGAL_SGD = "frugal:unrolled:state_free=sgd"
 
 
 def _have(name):
     return os.path.exists(os.path.join(ROOT, "configs", f"{name}.py"))
 
 
-CASES = ["adamw:unrolled"] + [f"{o}:{layout}" for o in OPTIMIZERS if _have(o) for layout in LAYOUTS]
+CASES = (["adamw:unrolled"]
+         + [f"{o}:{layout}" for o in OPTIMIZERS if _have(o) for layout in LAYOUTS] + [FRUGAL_SGD])
 
 
 def run_cases(tmp, devices, data, fsdp, cases):
@@ -99,7 +104,7 @@ def results(tmp_path_factory):
     return one, eight
 
 
-@pytest.mark.parametrize("case", ["adamw:unrolled"] + [
+@pytest.mark.parametrize("case", ["adamw:unrolled", FRUGAL_SGD] + [
     pytest.param(f"{o}:{layout}", marks=pytest.mark.skipif(
         not _have(o), reason=f"configs/{o}.py does not exist (yet)"))
     for o in OPTIMIZERS for layout in LAYOUTS])
@@ -110,6 +115,6 @@ def test_fsdp4_data2_matches_one_device_without_hanging(case, results):
                                       f"{r['error']}\n{r.get('traceback', '')}")
     a, b = one[case]["losses"], eight[case]["losses"]
     assert len(a) == len(b) == 5
-    rtol = FRUGAL_RTOL if case.startswith("frugal") else RTOL
+    rtol = FRUGAL_RTOL if case.startswith("frugal") and "state_free=sgd" not in case else RTOL
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
     assert worst <= rtol, f"{case}: 1 device {a} vs 8 devices {b} (worst relative {worst:.2e})"
