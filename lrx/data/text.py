@@ -112,11 +112,11 @@ def text_files(paths: str, val_paths: str, *, min_bytes: int = 2) -> tuple[list[
     all_train = expand_paths(paths)
     train_files = [f for f in all_train if f not in set(val_files)]
     if not all_train:
-        raise ValueError(f"data.paths={paths!r} matches no file; give a glob of existing text "
-                         "files (comma-separated globs allowed)")
+        raise ValueError(f"data.paths={paths!r} matches no training file; give a glob of "
+                         "existing text files (comma-separated globs allowed)")
     if not val_files:
-        raise ValueError(f"data.val_paths={val_paths!r} matches no file; give a glob of existing "
-                         "held-out text files (comma-separated globs allowed)")
+        raise ValueError(f"data.val_paths={val_paths!r} matches no validation file; give a glob "
+                         "of existing held-out text files (comma-separated globs allowed)")
     if not train_files:
         raise ValueError(f"data.paths and data.val_paths both name {', '.join(all_train[:3])}: "
                          "validation files are held out of training, so no training file is "

@@ -629,8 +629,8 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
                 break
             if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
                 save(state)
+        stop.acknowledge()  # a step boundary: a first signal from here on waits for the save
         if stop.signal is not None:
-            stop.acknowledge()
             stopped_by = stop.signal
             if not stopped_by.startswith("stop_at"):
                 log.warning("%s received: saving a checkpoint at step %d and stopping",

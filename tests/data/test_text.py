@@ -68,3 +68,15 @@ def test_text_files_source(tmp_path):
     assert c.train.tobytes().startswith(b"hello") and c.val.tobytes().startswith(b"held")
     with pytest.raises(ValueError, match="matches no validation file"):
         text.load_text_files(str(tmp_path / "*.txt"), str(tmp_path / "nope*.txt"))
+
+
+def test_text_files_too_short_or_shared_are_named(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"hello")
+    (tmp_path / "b.txt").write_bytes(b"x" * 100)
+    with pytest.raises(ValueError, match=r"training text \(1 file\(s\)\) holds 5 bytes, fewer than "
+                       r"one window of data.seq_len \+ 1 = 33 bytes"):
+        text.load_text_files(str(tmp_path / "a.txt"), str(tmp_path / "b.txt"), min_bytes=33)
+    with pytest.raises(ValueError, match=r"both name .*b.txt: validation files are held out"):
+        text.load_text_files(str(tmp_path / "b.txt"), str(tmp_path / "b.txt"))
+    assert text.text_files(str(tmp_path / "*.txt"), str(tmp_path / "a.txt")) == (
+        [str(tmp_path / "b.txt")], [str(tmp_path / "a.txt")])

@@ -116,7 +116,7 @@ def _text_config(tmp_path, train: bytes | None, val: bytes | None, same=False):
     (b"x" * 1000, b"", False, r"data.val_paths=.*the validation text \(1 file\(s\)\) holds 0"),
     (b"x" * 1000, None, True, r"data.paths and data.val_paths both name .*train.txt: validation "
                               r"files are held out of training.*point data.val_paths at other"),
-    (None, b"x" * 1000, False, r"data.paths=.*matches no file; give a glob of existing"),
+    (None, b"x" * 1000, False, r"data.paths=.*matches no training file; give a glob of existing"),
 ])
 def test_bad_text_files_fail_in_validate(tmp_path, train, val, same, message):
     with pytest.raises(ConfigError, match=message):
