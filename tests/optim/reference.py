@@ -1,18 +1,43 @@
 """Independent NumPy float64 re-derivations of GaLore, Fira and FRUGAL (written from the papers
-and the official code's documented semantics, not from lrx)."""
+and the official code's documented semantics, not from lrx).
+
+Every reference works on the **PyTorch layout** ``(out, in)`` that the official code sees and applies
+the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for ``std``).
+A Flax ``(in, out)`` kernel is handled by transposing into the PyTorch layout, running the official
+rule there and transposing the result back (``layout='flax'``).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 
 def side_for(m: int, n: int, proj_type: str) -> str:
-    """GaLore's official side table (rows x cols as given)."""
+    """GaLore's official side table for a PyTorch ``(out, in) = (m, n)`` weight."""
     if proj_type in ("left", "right", "full"):
         return proj_type
     if proj_type == "std":
         return "right" if m >= n else "left"
     return "left" if m >= n else "right"
+
+
+def torch_layout(fn):
+    """Run ``fn`` (written for PyTorch ``(out, in)`` weights) on Flax ``(in, out)`` kernels when
+    called with ``layout='flax'``: weights and gradients are transposed in and the result out.
+    ``proj_type`` is always the official name for the PyTorch weight (``left`` = ``U[:, :r]`` over
+    the output dimension)."""
+
+    @functools.wraps(fn)
+    def wrapped(w, grads, *, layout="torch", **kw):
+        if layout == "torch":
+            return fn(w, grads, **kw)
+        assert layout == "flax", layout
+        out = fn(np.asarray(w).T, [np.asarray(g).T for g in grads], **kw)
+        return out.T
+
+    return wrapped
 
 
 def _flip(x):
@@ -44,6 +69,7 @@ def up(r, p, q):
     return r
 
 
+@torch_layout
 def galore(w, grads, *, rank, gap, scale, proj_type, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-6,
            moments="keep"):
     """Weights after GaLore-AdamW on the given gradient sequence (one matrix)."""
@@ -92,6 +118,7 @@ def adamw_galore_style(w, grads, *, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-6):
     return w
 
 
+@torch_layout
 def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="official", wd=0.0,
          b1=0.9, b2=0.999, eps=1e-6):
     """Weights after Fira-AdamW (φ, residual, limiter) on the gradient sequence."""
@@ -112,11 +139,11 @@ def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="off
         mu = b1 * mu + (1 - b1) * rr
         nu = b2 * nu + (1 - b2) * rr * rr
         psi = mu / (np.sqrt(nu) + eps)
-        axis = 0 if side == "left" else 1
+        axis = 0 if rr.shape[0] < rr.shape[1] else 1          # the official norm_dim rule
         phi = np.linalg.norm(psi, axis=axis) / (np.linalg.norm(rr, axis=axis) + 1e-8)
         alpha = scale if residual == "official" else 1.0
         s = g - alpha * up(rr, p, q)
-        s = s * (phi[None, :] if side == "left" else phi[:, None])
+        s = s * (phi[None, :] if axis == 0 else phi[:, None])
         norm = np.linalg.norm(s)
         if prev is None:
             prev = norm
@@ -130,6 +157,7 @@ def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="off
     return w
 
 
+@torch_layout
 def frugal_svd(w, grads, *, density, gap, lr, proj_type="std", state_free="signsgd",
                free_scale=1.0, reset=True, wd=0.0, b1=0.9, b2=0.999, eps=1e-8):
     """Weights after FRUGAL (SVD subspace, torch AdamW state-full part, signSGD/SGD rest)."""
