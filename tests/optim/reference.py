@@ -1,8 +1,8 @@
 """Independent NumPy float64 re-derivations of GaLore, Fira and FRUGAL (written from the papers
 and the official code's documented semantics, not from lrx).
 
-Every reference works on the **PyTorch layout** ``(out, in)`` that the official code sees and applies
-the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for ``std``).
+Every reference works on the **PyTorch layout** ``(out, in)`` that the official code sees and
+applies the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for ``std``).
 A Flax ``(in, out)`` kernel is handled by transposing into the PyTorch layout, running the official
 rule there and transposing the result back (``layout='flax'``).
 """
@@ -71,8 +71,9 @@ def up(r, p, q):
 
 @torch_layout
 def galore(w, grads, *, rank, gap, scale, proj_type, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-6,
-           moments="keep"):
-    """Weights after GaLore-AdamW on the given gradient sequence (one matrix)."""
+           moments="keep", offset=0):
+    """Weights after GaLore-AdamW on the given gradient sequence (one matrix); the projector is
+    refreshed at ``t == 0`` and whenever ``t % gap == offset`` (``offset`` > 0: staggering)."""
     w = np.array(w, np.float64)
     m, n = w.shape
     side = side_for(m, n, proj_type)
@@ -81,7 +82,7 @@ def galore(w, grads, *, rank, gap, scale, proj_type, lr, wd=0.0, b1=0.9, b2=0.99
     c = 0
     for t, g in enumerate(grads):
         g = np.asarray(g, np.float64)
-        if t % gap == 0:
+        if t == 0 or t % gap == offset:
             p_new, q_new = top_vectors(g, r, side)
             if mu is not None and moments == "reset":
                 mu, nu, c = np.zeros_like(mu), np.zeros_like(nu), 0
@@ -192,28 +193,33 @@ def frugal_svd(w, grads, *, density, gap, lr, proj_type="std", state_free="signs
 
 
 def frugal_blocks_descending(ws, grads, *, density, gap, lr, free_scale=1.0, b1=0.9, b2=0.999,
-                             eps=1e-8):
-    """FRUGAL blockwise (descending order) over a list of matrices ``ws``; grads[t][i]."""
+                             eps=1e-8, reset=True):
+    """FRUGAL blockwise (descending order) over a list of matrices ``ws`` given in model order;
+    grads[t][i]. Inactive blocks hold no state; a block that becomes active starts a fresh Adam
+    state (step 0); with ``reset`` every refresh restarts the state of every active block."""
     ws = [np.array(w, np.float64) for w in ws]
     total = len(ws)
     n_active = round(total * density)
     start = total - 1
     active = set()
-    mus = nus = None
-    c = 0
+    mus = [np.zeros_like(w) for w in ws]
+    nus = [np.zeros_like(w) for w in ws]
+    cs = [0] * total
     for t, gs in enumerate(grads):
         if t % gap == 0:
-            active = {(start - j) % total for j in range(n_active)}
+            new_active = {(start - j) % total for j in range(n_active)}
             start -= n_active
             if start < 0:
                 start += total
-            mus = [np.zeros_like(w) for w in ws]
-            nus = [np.zeros_like(w) for w in ws]
-            c = 0
-        c += 1
+            for i in range(total):
+                if i not in new_active or reset or i not in active:
+                    mus[i], nus[i], cs[i] = np.zeros_like(ws[i]), np.zeros_like(ws[i]), 0
+            active = new_active
         for i, g in enumerate(gs):
             g = np.asarray(g, np.float64)
             if i in active:
+                cs[i] += 1
+                c = cs[i]
                 mus[i] = b1 * mus[i] + (1 - b1) * g
                 nus[i] = b2 * nus[i] + (1 - b2) * g * g
                 step = (mus[i] / (1 - b1 ** c)) / (np.sqrt(nus[i]) / np.sqrt(1 - b2 ** c) + eps)

@@ -28,7 +28,7 @@ TORCH_DIMS = lo.DimensionNumbers(reduction=(-1,), output=(-2,))
 
 
 def _dims(layout):
-    """lrx dimension_numbers for a weight stored in ``layout`` (Flax (in, out) / torch (out, in))."""
+    """lrx dimension_numbers for a weight stored in ``layout``: Flax (in, out) / torch (out, in)."""
     return None if layout == "flax" else TORCH_DIMS
 
 
@@ -191,3 +191,62 @@ def test_frugal_columns_split_update():
     # first Adam step: (m/bc1)/(sqrt(v)/sqrt(bc2)+eps) = g/(|g|+eps) ~ sign(g)
     want[:, cols] = g[:, cols] / (np.abs(g[:, cols]) + 1e-8)
     np.testing.assert_allclose(u["w"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_galore_stagger_each_matrix_at_its_own_offset():
+    """stagger=True: matrix j of J refreshes at t = 0 and when t % T == (j·T)//J (a stack's layers
+    counted one by one); each matrix equals the reference with that schedule."""
+    rng = np.random.default_rng(15)
+    a0, s0 = rng.standard_normal((8, 6)), rng.standard_normal((2, 8, 6))
+    seq = [(rng.standard_normal((8, 6)), rng.standard_normal((2, 8, 6))) for _ in range(7)]
+    opt = lo.galore(0.01, rank=2, update_proj_gap=3, stagger=True, moments="reset")
+    out, _ = _run(opt, {"a": jnp.asarray(a0, jnp.float32), "s": jnp.asarray(s0, jnp.float32)},
+                  [{"a": ga, "s": gs} for ga, gs in seq])
+    want_a = ref.galore(a0, [ga for ga, _ in seq], rank=2, gap=3, scale=0.25, proj_type="std",
+                        lr=0.01, moments="reset", offset=0, layout="flax")
+    np.testing.assert_allclose(out["a"], want_a, rtol=1e-5, atol=1e-5)
+    for b in range(2):
+        want = ref.galore(s0[b], [gs[b] for _, gs in seq], rank=2, gap=3, scale=0.25,
+                          proj_type="std", lr=0.01, moments="reset", offset=b + 1, layout="flax")
+        np.testing.assert_allclose(out["s"][b], want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("reset", [True, False])
+def test_frugal_blocks_follow_model_order(reset):
+    """Blocks walk layers by index (layers_2 before layers_10, a scanned stack's layer axis
+    expanded), modules in the model's definition order (MODULE_ORDER: attn before mlp); a
+    re-activated block restarts its bias correction even without reset_on_refresh."""
+    rng = np.random.default_rng(16)
+    shape = (5, 4)
+    names = ["layers_10", "layers_2", "layers_1"]
+    w0 = {n: {"mlp": rng.standard_normal(shape), "attn": rng.standard_normal(shape)}
+          for n in names}
+    seq = [{n: {"mlp": rng.standard_normal(shape), "attn": rng.standard_normal(shape)}
+            for n in names} for _ in range(9)]
+    opt = lo.frugal(0.01, density=0.5, update_proj_gap=2, subspace="blocks",
+                    block_order="descending", eps=1e-8, reset_on_refresh=reset)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), w0)
+    out, _ = _run(opt, params, seq)
+    order = [(n, m) for n in ["layers_1", "layers_2", "layers_10"] for m in ["attn", "mlp"]]
+    want = ref.frugal_blocks_descending([w0[n][m] for n, m in order],
+                                        [[g[n][m] for n, m in order] for g in seq],
+                                        density=0.5, gap=2, lr=0.01, reset=reset)
+    for (n, m), w in zip(order, want, strict=True):
+        np.testing.assert_allclose(out[n][m], w, rtol=1e-5, atol=1e-5)
+
+
+def test_frugal_blocks_scanned_stack_expands_layers():
+    """A scanned (L, m, n) stack: its layer axis is walked layer by layer, after leaves that
+    belong to no layer (here an embedding-like leaf defined after the stack)."""
+    rng = np.random.default_rng(17)
+    st0, e0 = rng.standard_normal((3, 5, 4)), rng.standard_normal((5, 4))
+    seq = [{"layers": rng.standard_normal((3, 5, 4)), "embed": rng.standard_normal((5, 4))}
+           for _ in range(7)]
+    opt = lo.frugal(0.01, density=0.5, update_proj_gap=2, subspace="blocks",
+                    block_order="descending", eps=1e-8)
+    params = {"layers": jnp.asarray(st0, jnp.float32), "embed": jnp.asarray(e0, jnp.float32)}
+    out, _ = _run(opt, params, seq)
+    want = ref.frugal_blocks_descending([e0, *st0], [[g["embed"], *g["layers"]] for g in seq],
+                                        density=0.5, gap=2, lr=0.01)
+    np.testing.assert_allclose(out["embed"], want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["layers"], np.stack(want[1:]), rtol=1e-5, atol=1e-5)
