@@ -187,6 +187,36 @@ def _dims_leaves(s: Settings, treedef, n: int) -> list:
     return treedef.flatten_up_to(d)
 
 
+def select_layouts(tree: Any, mask: Any = None, dimension_numbers: Any = None
+                   ) -> tuple[list[sub.Layout | None], list[str], Any, list]:
+    """The engine's leaf selection for any method: ``(layouts, names, treedef, leaves)`` with a
+    :class:`lrx.optim.subspace.Layout` ``(B, m, n)`` per selected leaf (None for the others).
+
+    ``mask``: None (every leaf with ``ndim >= 2``), a bool pytree like ``tree`` or a callable
+    ``tree -> bools``; ``dimension_numbers``: None, one :class:`DimensionNumbers` or a pytree.
+    """
+    holder = Settings(method="galore", mask=mask, dimension_numbers=dimension_numbers)
+    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves = [x for _, x in leaves_with_path]
+    masks = _mask_leaves(holder, tree, treedef)
+    dims = _dims_leaves(holder, treedef, len(leaves))
+    layouts, names = [], []
+    for (path, x), m, d in zip(leaves_with_path, masks, dims, strict=True):
+        name = path_name(path)
+        names.append(name)
+        if not m:
+            layouts.append(None)
+            continue
+        if d is None:
+            if getattr(x, "ndim", 0) < 2:
+                raise ValueError(f"mask selects leaf {name!r} of shape "
+                                 f"{tuple(getattr(x, 'shape', ()))}, which is not a matrix; "
+                                 "exclude it from the mask or give dimension_numbers")
+            d = sub.DimensionNumbers()
+        layouts.append(sub.Layout.of(x.shape, d))
+    return layouts, names, treedef, leaves
+
+
 def plans(s: Settings, tree: Any) -> tuple[list[Plan], Any, list]:
     """Per-leaf plans for ``tree`` (params or updates): ``(plans, treedef, leaves)``."""
     leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)

@@ -2,7 +2,8 @@
 and the official code's documented semantics, not from lrx).
 
 Every reference works on the **PyTorch layout** ``(out, in)`` that the official code sees and
-applies the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for ``std``).
+applies the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for
+``std``).
 A Flax ``(in, out)`` kernel is handled by transposing into the PyTorch layout, running the official
 rule there and transposing the result back (``layout='flax'``).
 """
@@ -227,3 +228,53 @@ def frugal_blocks_descending(ws, grads, *, density, gap, lr, free_scale=1.0, b1=
             else:
                 ws[i] = ws[i] - lr * free_scale * np.sign(g)
     return ws
+
+
+@torch_layout
+def apollo(w, grads, *, orthos, lr, scale_type, scale, proj_type="std", wd=0.0, b1=0.9,
+           b2=0.999, eps=1e-6, gamma=1.01, limiter=True):
+    """Weights after APOLLO-AdamW (official ``apollo_torch``) on a PyTorch ``(out, in)`` weight.
+
+    ``orthos[t]`` is the official ``ortho_matrix`` used at step ``t``: ``(out, r)`` for a left
+    projection (``R = oᵀ G``), ``(r, in)`` for a right one (``R = G oᵀ``); the side comes from the
+    official rule (``side_for``), and the given matrix must have that side's shape."""
+    w = np.array(w, np.float64)
+    out_dim, in_dim = w.shape
+    side = side_for(out_dim, in_dim, proj_type)
+    mu = nu = prev = None
+    for t, (g, o) in enumerate(zip(grads, orthos, strict=True)):
+        g, o = np.asarray(g, np.float64), np.asarray(o, np.float64)
+        if side == "right":
+            assert o.shape[1] == in_dim, (o.shape, w.shape)
+            rr = g @ o.T
+        else:
+            assert o.shape[0] == out_dim, (o.shape, w.shape)
+            rr = o.T @ g
+        if mu is None:
+            mu, nu = np.zeros_like(rr), np.zeros_like(rr)
+        k = t + 1
+        mu = b1 * mu + (1 - b1) * rr
+        nu = b2 * nu + (1 - b2) * rr * rr
+        f = np.sqrt(1 - b2 ** k) / (1 - b1 ** k)
+        psi = mu / (np.sqrt(nu) + eps)
+        if scale_type == "channel":
+            norm_dim = 1 if side == "right" else 0          # the rank axis of R
+            if proj_type == "std":                          # the official rule (std only)
+                assert norm_dim == (0 if g.shape[0] < g.shape[1] else 1)
+            fac = np.linalg.norm(psi, axis=norm_dim) / (np.linalg.norm(rr, axis=norm_dim) + 1e-8)
+            fac = fac[:, None] if norm_dim == 1 else fac[None, :]
+        else:
+            fac = np.linalg.norm(psi) / (np.linalg.norm(rr) + 1e-8)
+        s = g * fac
+        if limiter:
+            norm = np.linalg.norm(s)
+            if prev is None:
+                prev = norm
+            else:
+                lim = max(norm / (prev + 1e-8), gamma) / gamma
+                s = s / lim
+                prev = norm / lim
+        s = s * np.sqrt(scale)
+        w = w - lr * f * s
+        w = w - lr * wd * w
+    return w
