@@ -164,7 +164,8 @@ def scale_by_apollo(rank: int = 256, *, scale_type: str = "channel", scale: floa
     def update_fn(updates, state, params=None):
         layouts, _, treedef, _ = lowrank.select_layouts(
             updates if params is None else params, mask, dimension_numbers)
-        grads = treedef.flatten_up_to(updates)
+        raw = treedef.flatten_up_to(updates)
+        grads = [lowrank.leaf_value(g) for g in raw]
         mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
         lims = treedef.flatten_up_to(state.limiter_norm)
         count = state.count
@@ -215,6 +216,7 @@ def scale_by_apollo(rank: int = 256, *, scale_type: str = "channel", scale: floa
             new_mu.append(mu.astype(mdtype))
             new_nu.append(nu.astype(mdtype))
         tree = treedef.unflatten
+        out = [lowrank.rewrap(r, x) for r, x in zip(raw, out, strict=True)]
         return tree(out), ScaleByApolloState(optax.safe_increment(count), state.key,
                                               tree(new_proj), tree(new_mu), tree(new_nu),
                                               tree(new_lim))

@@ -187,6 +187,32 @@ def _dims_leaves(s: Settings, treedef, n: int) -> list:
     return treedef.flatten_up_to(d)
 
 
+def is_variable(x: Any) -> bool:
+    """True for a ``flax.nnx.Variable`` (``nnx.Param`` ...): the engine treats one as a leaf
+    holding its array, so nnx states work like plain pytrees (``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)``)."""
+    try:
+        from flax import nnx
+    except ImportError:          # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(x, nnx.Variable)
+
+
+def flatten_with_path(tree: Any) -> tuple[list, Any]:
+    """``jax.tree_util.tree_flatten_with_path`` with nnx Variables as leaves."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+
+
+def leaf_value(x: Any) -> Any:
+    """The array of a leaf (the value of an nnx Variable)."""
+    return x.get_value() if is_variable(x) else x
+
+
+def rewrap(like: Any, value: Any) -> Any:
+    """``value`` in the container of ``like`` (an nnx Variable keeps its type and metadata)."""
+    return like.replace(value) if is_variable(like) else value
+
+
 def select_layouts(tree: Any, mask: Any = None, dimension_numbers: Any = None
                    ) -> tuple[list[sub.Layout | None], list[str], Any, list]:
     """The engine's leaf selection for any method: ``(layouts, names, treedef, leaves)`` with a
@@ -196,7 +222,8 @@ def select_layouts(tree: Any, mask: Any = None, dimension_numbers: Any = None
     ``tree -> bools``; ``dimension_numbers``: None, one :class:`DimensionNumbers` or a pytree.
     """
     holder = Settings(method="galore", mask=mask, dimension_numbers=dimension_numbers)
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_path, treedef = flatten_with_path(tree)
+    leaves_with_path = [(path, leaf_value(x)) for path, x in leaves_with_path]
     leaves = [x for _, x in leaves_with_path]
     masks = _mask_leaves(holder, tree, treedef)
     dims = _dims_leaves(holder, treedef, len(leaves))
@@ -219,7 +246,8 @@ def select_layouts(tree: Any, mask: Any = None, dimension_numbers: Any = None
 
 def plans(s: Settings, tree: Any) -> tuple[list[Plan], Any, list]:
     """Per-leaf plans for ``tree`` (params or updates): ``(plans, treedef, leaves)``."""
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_path, treedef = flatten_with_path(tree)
+    leaves_with_path = [(path, leaf_value(x)) for path, x in leaves_with_path]
     leaves = [x for _, x in leaves_with_path]
     masks = _mask_leaves(s, tree, treedef)
     dims = _dims_leaves(s, treedef, len(leaves))
@@ -457,9 +485,9 @@ def make(s: Settings) -> optax.GradientTransformation:
             nu=treedef.unflatten(nus), extra=treedef.unflatten(extras), base_state=base_state)
 
     def update_fn(updates, state, params=None):
-        pl, treedef, grads = plans(s, updates if params is None else params)
-        if params is not None:
-            grads = treedef.flatten_up_to(updates)
+        pl, treedef, _ = plans(s, updates if params is None else params)
+        raw = treedef.flatten_up_to(updates)
+        grads = [leaf_value(g) for g in raw]
         projs = treedef.flatten_up_to(state.projector)
         mus = treedef.flatten_up_to(state.mu)
         nus = treedef.flatten_up_to(state.nu)
@@ -599,8 +627,10 @@ def make(s: Settings) -> optax.GradientTransformation:
         b1, b2, eps = s.b1, s.b2, s.eps
 
         if s.base_optimizer is not None:
-            return _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state,
-                              mcounts, params)
+            u, new_state = _with_base(s, pl, treedef, grads, g3, projs, state, k_all,
+                                      base_state, mcounts, params)
+            return treedef.unflatten([rewrap(r, x) for r, x in
+                                      zip(raw, treedef.flatten_up_to(u), strict=True)]), new_state
 
         new_upd, new_mu, new_nu, new_extra = [], [], [], []
         for i, p in enumerate(pl):
@@ -651,7 +681,8 @@ def make(s: Settings) -> optax.GradientTransformation:
                 [None if c is None else optax.safe_increment(c) for c in mcounts]),
             key=state.key, projector=treedef.unflatten(projs), mu=treedef.unflatten(new_mu),
             nu=treedef.unflatten(new_nu), extra=treedef.unflatten(new_extra), base_state=None)
-        return treedef.unflatten(new_upd), new_state
+        return treedef.unflatten([rewrap(r, x) for r, x in zip(raw, new_upd, strict=True)]
+                                 ), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
