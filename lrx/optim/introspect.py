@@ -11,7 +11,7 @@ import optax
 
 from lrx.optim import subspace as sub
 from lrx.optim.apollo import ScaleByApolloState, SeededProjection
-from lrx.optim.lowrank import LowRankState
+from lrx.optim.lowrank import LowRankState, is_variable, leaf_value
 
 
 def _is_node(x) -> bool:
@@ -45,8 +45,11 @@ def projectors(opt_state: Any) -> Any:
     right (B, n, r) | None)`` in the leaf's ``(B, m, n)`` view (APOLLO's seeded Gaussian is
     regenerated from its key); unprojected leaves give ``None``. Works through ``optax.chain``,
     ``inject_hyperparams``/``lrx.optim.inject_hyperparams`` and ``multi_transform`` (the trees of
-    several lrx transforms are merged leaf by leaf). Raises ValueError if none is found.
+    several lrx transforms are merged leaf by leaf) and ``nnx.Optimizer(...).opt_state``. Raises
+    ValueError if none is found.
     """
+    # nnx.Optimizer keeps its state as nnx Variables: read their values.
+    opt_state = jax.tree_util.tree_map(leaf_value, opt_state, is_leaf=is_variable)
     trees = _found(opt_state)
     if not trees:
         raise ValueError("no lrx.optim low-rank state found in opt_state")

@@ -57,6 +57,10 @@ def test_nnx_optimizer_matches_plain_pytree(name):
     opt = nnx.Optimizer(model, TRANSFORMS[name](), wrt=nnx.Param)
     for _ in range(3):
         _nnx_step(model, opt, x)
+    proj = lo.projectors(opt.opt_state)
+    if name != "frugal_blocks":                       # blocks have no projector
+        assert isinstance(proj["attn"]["kernel"], lo.Projector)
+    assert proj["head"]["kernel"] is None
 
     tx = TRANSFORMS[name]()
 
