@@ -637,13 +637,8 @@ def make(s: Settings) -> optax.GradientTransformation:
                                       zip(raw, treedef.flatten_up_to(u), strict=True)]), new_state
 
         new_upd, new_mu, new_nu, new_extra = [], [], [], []
-        prev = None
         for i, p in enumerate(pl):
             g, mu, nu, ex = grads[i], mus[i], nus[i], extras[i]
-            if g3[i] is not None and prev is not None:
-                # One matrix leaf at a time: its full-size temporaries (back-projections, Fira's
-                # residual) are dead before the next leaf starts.
-                g3[i], prev = jax.lax.optimization_barrier((g3[i], prev))
             # bias-correction step: per matrix (B, 1, 1) where moments restart, else global
             k_proj = k_all if mcounts[i] is None else (mcounts[i] + 1)[:, None, None]
             d = None
@@ -681,8 +676,6 @@ def make(s: Settings) -> optax.GradientTransformation:
                                    pr=pr, side=p.side, prev=ex, first=count == 0)
                 d = p.layout.from3(d3)
             new_upd.append(d.astype(g.dtype))
-            if g3[i] is not None:
-                prev = new_upd[-1]
             dt = mus[i].dtype if mus[i] is not None else None
             new_mu.append(None if mu is None else mu.astype(dt))
             new_nu.append(None if nu is None else nu.astype(dt))
