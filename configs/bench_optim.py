@@ -6,6 +6,7 @@ train-step row (forward + backward + update of real models).
     python run.py --config=configs/bench_optim.py:llama_130m         # + the 130M set
     python run.py --config=configs/bench_optim.py:llama_350m         # + the 350M set
     python run.py --config=configs/bench_optim.py:no_train_step      # optimizer rows only
+    python run.py --config=configs/bench_optim.py:no_memory          # skip the llama_1b memory rows
     python run.py --config=configs/bench_optim.py:smoke              # tiny shapes, seconds
 
 Variant tokens combine with commas (``llama_130m,no_train_step``). The harness limits the host
@@ -16,8 +17,9 @@ busy-waiting threads made decompositions 30-500x slower on a shared machine.
 import ml_collections
 
 OPTIMIZERS = ("adamw", "optax_galore", "galore_svd_std", "galore_svd_reverse_std",
-              "galore_randomized_std", "galore_randomized_reverse_std", "frugal", "fira")
-TOKENS = ("smoke", "llama_130m", "llama_350m", "no_train_step")
+              "galore_randomized_std", "galore_randomized_reverse_std", "frugal", "fira",
+              "apollo", "apollo_mini")
+TOKENS = ("smoke", "llama_130m", "llama_350m", "no_train_step", "no_memory")
 
 
 def get_config(arg=None):
@@ -42,7 +44,12 @@ def get_config(arg=None):
     c.train_step = ml_collections.ConfigDict(dict(
         enabled=True, models=("tiny", "llama_60m"), batch_size=2, seq_len=64, repeats=3,
         optimizers=("adamw", "optax_galore", "galore_randomized_reverse_std", "frugal",
-                    "fira")))
+                    "fira", "apollo", "apollo_mini")))
+    # Compiled peak memory of a full f32 train step (unrolled layers, remat) from shapes only.
+    c.memory = ml_collections.ConfigDict(dict(
+        enabled=True, models=("llama_1b",), batch_size=1, seq_len=256, remat=True,
+        optimizers=("adamw", "optax_galore", "galore_svd_reverse_std", "fira_reverse_std",
+                    "fira", "frugal", "apollo", "apollo_mini")))
     tokens = [t for t in (arg or "").split(",") if t]
     for t in tokens:
         if t not in TOKENS:
@@ -53,6 +60,8 @@ def get_config(arg=None):
         c.models = (*c.models, "llama_350m")
     if "no_train_step" in tokens:
         c.train_step.enabled = False
+    if "no_memory" in tokens:
+        c.memory.enabled = False
     if "smoke" in tokens:
         c.models = ("tiny",)
         c.num_layers = 1
@@ -63,4 +72,7 @@ def get_config(arg=None):
         c.train_step.seq_len = 16
         c.train_step.repeats = 1
         c.train_step.optimizers = ("galore_svd_reverse_std",)
+        c.memory.models = ("tiny",)
+        c.memory.seq_len = 16
+        c.memory.optimizers = ("optax_galore", "galore_svd_reverse_std", "apollo_mini")
     return c

@@ -33,7 +33,8 @@ from experiments.common import ConfigError
 log = logging.getLogger("lrx.bench_optim")
 
 OPTIMIZERS = ("adamw", "optax_galore", "galore_svd_std", "galore_svd_reverse_std",
-              "galore_randomized_std", "galore_randomized_reverse_std", "frugal", "fira")
+              "galore_randomized_std", "galore_randomized_reverse_std", "frugal", "fira",
+              "apollo", "apollo_mini")
 MODELS = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
 
 
@@ -58,6 +59,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.ranks has no rank for model {m!r}")
     for o in config.optimizers:
         common.check_choice(o, OPTIMIZERS, "optimizers[...]")
+    for o in config.memory.optimizers:
+        common.check_choice(o, (*OPTIMIZERS, "fira_reverse_std"), "memory.optimizers[...]")
+    for m in config.memory.models:
+        common.check_choice(m, MODELS, "memory.models[...]")
     for o in config.train_step.optimizers:
         common.check_choice(o, OPTIMIZERS, "train_step.optimizers[...]")
     for m in config.train_step.models:
@@ -98,6 +103,12 @@ def build_optimizer(name: str, c: ml_collections.ConfigDict, rank: int, mask: An
         return lo.frugal(lr, density=c.density, update_proj_gap=gap, mask=mask)
     if name == "fira":
         return lo.fira(lr, rank=rank, update_proj_gap=gap, mask=mask)
+    if name == "fira_reverse_std":
+        return lo.fira(lr, rank=rank, update_proj_gap=gap, mask=mask, proj_type="reverse_std")
+    if name == "apollo":
+        return lo.apollo(lr, rank=rank, update_proj_gap=gap, mask=mask)
+    if name == "apollo_mini":
+        return lo.apollo_mini(lr, update_proj_gap=gap, mask=mask)
     raise ConfigError(f"unknown optimizer {name!r}; valid: {', '.join(OPTIMIZERS)}")
 
 
@@ -253,6 +264,61 @@ def bench_train_step(c: ml_collections.ConfigDict, model_name: str) -> list[dict
     return rows
 
 
+def bench_compiled_memory(c: ml_collections.ConfigDict, model_name: str) -> list[dict]:
+    """Compiled peak memory of a full train step (forward + backward + update, the program that
+    contains the refresh) from shapes only: ``jax.jit(step).lower(*jax.eval_shape(...))
+    .compile().memory_analysis()``, nothing allocated. Peak = arguments + outputs + temporaries
+    - aliased."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lrx.optim as lo
+    from lrx.models.llama import Llama, preset
+
+    m = c.memory
+    cfg = preset(model_name, vocab_size=c.vocab_size, remat=m.remat, scan_layers=False,
+                 max_len=max(m.seq_len, preset(model_name).max_len))
+    model = Llama(cfg)
+    tokens = jax.ShapeDtypeStruct((m.batch_size, m.seq_len + 1), jnp.int32)
+    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"],
+                            jax.random.PRNGKey(0))
+    mask = lo.path_mask(params, lo.ATTN_MLP)
+    rank = c.ranks[model_name]
+
+    def loss_fn(p, batch):
+        logits = model.apply({"params": p}, batch[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+
+    rows = []
+    for name in m.optimizers:
+        opt = build_optimizer(name, c, rank, mask, params)
+
+        def step(p, s, batch, opt=opt):
+            loss, g = jax.value_and_grad(loss_fn)(p, batch)
+            u, s = opt.update(g, s, p)
+            return optax.apply_updates(p, u), s, loss
+
+        state = jax.eval_shape(opt.init, params)
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens).compile()
+        peak_mb, temp_mb = _memory(compiled)
+        rows.append(dict(model=model_name, optimizer=name, batch=f"{m.batch_size}x{m.seq_len}",
+                         state_MB=lo.tree_bytes(state) / 2**20, peak_GiB=peak_mb / 1024,
+                         temp_GiB=temp_mb / 1024, compile_s=time.perf_counter() - t0))
+        log.info("compiled memory %s %s: peak %.2f GiB", model_name, name, peak_mb / 1024)
+        del compiled
+    by = {r["optimizer"]: r for r in rows}
+    for r in rows:
+        if "adamw" in by:
+            r["vs_adamw"] = r["peak_GiB"] / by["adamw"]["peak_GiB"]
+        if "optax_galore" in by:
+            r["vs_optax_galore"] = r["peak_GiB"] / by["optax_galore"]["peak_GiB"]
+        if "galore_svd_reverse_std" in by:
+            r["vs_lrx_galore"] = r["peak_GiB"] / by["galore_svd_reverse_std"]["peak_GiB"]
+    return rows
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """The issue's targets per parameter set, from the update rows."""
     out = []
@@ -290,6 +356,8 @@ def ratios(rows: list[dict]) -> list[dict]:
             "proj_state_MB", 0.30)
         add("state std / adamw (projected matrices)", "galore_svd_std", "adamw",
             "proj_state_MB", 0.30)
+        add("state apollo_mini / adamw (projected matrices)", "apollo_mini", "adamw",
+            "proj_state_MB", 0.01)
         del ref
     return out
 
@@ -305,29 +373,50 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # a shared CPU a 128x352 SVD took 0.3-7 s instead of ~8 ms unless BLAS is limited to 1 thread.
     pools = limit_blas_threads(1)
     blas = ",".join(sorted({str(p["num_threads"]) for p in pools})) or "unknown"
-    rows, train_rows = [], []
+    rows, train_rows, memory_rows = [], [], []
     for model in config.models:
         rows += bench_updates(config, model)
     if config.train_step.enabled:
         for model in config.train_step.models:
             train_rows += bench_train_step(config, model)
+    if config.memory.enabled:
+        for model in config.memory.models:
+            memory_rows += bench_compiled_memory(config, model)
     ratio_rows = ratios(rows)
+    by_mem = {(r["model"], r["optimizer"]): r for r in memory_rows}
+    for model in config.memory.models if config.memory.enabled else ():
+        for what, num, den, target in [
+                ("compiled peak step: lrx galore reverse_std / optax galore",
+                 "galore_svd_reverse_std", "optax_galore", 1.0),
+                ("compiled peak step: fira / lrx galore reverse_std", "fira_reverse_std",
+                 "galore_svd_reverse_std", 1.05),
+                ("compiled peak step: fira (std) / lrx galore reverse_std", "fira",
+                 "galore_svd_reverse_std", 1.05)]:
+            if (model, num) in by_mem and (model, den) in by_mem:
+                value = by_mem[model, num]["peak_GiB"] / by_mem[model, den]["peak_GiB"]
+                ratio_rows.append(dict(model=model, ratio=what, value=value,
+                                       target=f"<= {target}", met=bool(value <= target)))
     device = (f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
               f"{os.cpu_count()} CPU cores visible, BLAS threads {blas} (threadpoolctl)")
     text = common.write_table(workdir, "bench", rows, title=f"Optimizer update ({device})")
     if train_rows:
         text += "\n## Train step (forward + backward + update, non-refresh step)\n\n"
         text += common.markdown_table(train_rows)
+    if memory_rows:
+        text += "\n## Compiled peak memory of a full train step (shapes only)\n\n"
+        text += common.markdown_table(memory_rows)
     if ratio_rows:
         text += "\n## Targets\n\n" + common.markdown_table(ratio_rows)
     with open(f"{workdir}/bench.md", "w") as f:
         f.write(text)
     common.write_json(f"{workdir}/bench.json", dict(updates=rows, train_step=train_rows,
-                                                    ratios=ratio_rows, device=device))
+                                                    memory=memory_rows, ratios=ratio_rows,
+                                                    device=device))
     for r in ratio_rows:
         print(f"{r['model']}: {r['ratio']} = {r['value']:.3f} (target {r['target']}, "
               f"{'met' if r['met'] else 'NOT met'})")
-    summary = dict(device=device, updates=rows, train_step=train_rows, ratios=ratio_rows,
+    summary = dict(device=device, updates=rows, train_step=train_rows, memory=memory_rows,
+                   ratios=ratio_rows,
                    wall_s=time.perf_counter() - t0)
     common.write_summary(workdir, summary)
     return summary

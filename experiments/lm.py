@@ -21,7 +21,7 @@ from experiments import common
 from experiments.common import ConfigError
 
 PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
-OPTIMIZERS = ("adamw", "galore", "frugal", "fira")
+OPTIMIZERS = ("adamw", "galore", "frugal", "fira", "apollo")
 SOURCES = ("shakespeare", "text_files", "hf")
 DTYPES = ("float32", "bfloat16")
 ANALYSIS_TARGETS = ("grads", "params")
@@ -63,6 +63,12 @@ def optimizer_defaults(name: str) -> ml_collections.ConfigDict:
         c.state_free = "signsgd"
         c.state_free_lr_scale = 1.0
         c.reset_on_refresh = True
+    if name == "apollo":           # the official pre-training scripts' APOLLO (arXiv 2412.05270)
+        c.rank = 256
+        c.scale = 1.0              # APOLLO-Mini: rank 1, scale_type 'tensor', scale 128
+        c.scale_type = "channel"
+        c.proj_type = "std"
+        c.gamma = 1.01
     return c
 
 
@@ -487,6 +493,10 @@ def _build_optimizer_transform(o, schedule, mask):
                 opt = lrx.optim.fira(schedule, rank=o.rank, scale=o.scale,
                                      proj_type=o.proj_type, projector=o.projector,
                                      gamma=o.gamma, residual=o.residual, **common_kwargs)
+            elif o.name == "apollo":
+                opt = lrx.optim.apollo(schedule, rank=o.rank, scale=o.scale,
+                                       scale_type=o.scale_type, proj_type=o.proj_type,
+                                       gamma=o.gamma, **common_kwargs)
             else:
                 opt = lrx.optim.frugal(schedule, density=o.density, subspace=o.subspace,
                                        state_free=o.state_free,

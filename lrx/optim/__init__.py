@@ -3,15 +3,27 @@
 * :func:`galore` / :func:`scale_by_galore` — GaLore (arXiv 2403.03507);
 * :func:`frugal` / :func:`scale_by_frugal` — FRUGAL (arXiv 2411.07837);
 * :func:`fira` / :func:`scale_by_fira` — Fira (arXiv 2410.01623);
+* :func:`apollo` / :func:`apollo_mini` / :func:`scale_by_apollo` — APOLLO (arXiv 2412.05270);
+* :func:`projectors` — the current projection matrices of any optimizer state;
 * :func:`path_mask` / :func:`path_labels` — projection masks / multi_transform labels from
   parameter paths; :class:`DimensionNumbers` — layouts other than "last two axes".
 """
 
+from lrx.optim.apollo import (
+    SCALE_TYPES,
+    ScaleByApolloState,
+    SeededProjection,
+    apollo,
+    apollo_mini,
+    scale_by_apollo,
+)
 from lrx.optim.fira import ScaleByFiraState, fira, scale_by_fira
 from lrx.optim.frugal import ScaleByFrugalState, frugal, scale_by_frugal
 from lrx.optim.galore import ScaleByGaloreState, galore, scale_by_galore
+from lrx.optim.introspect import projectors
 from lrx.optim.lowrank import (
     BLOCK_ORDERS,
+    MODULE_ORDER,
     MOMENTS,
     RESIDUALS,
     STATE_FREE,
@@ -20,6 +32,7 @@ from lrx.optim.lowrank import (
     LowRankState,
     inject_hyperparams,
     learning_rate_then_decay,
+    model_order_key,
 )
 from lrx.optim.masks import ATTN_MLP, path_labels, path_mask, path_name, path_names
 from lrx.optim.subspace import (
@@ -35,6 +48,8 @@ from lrx.optim.subspace import (
 )
 
 __all__ = [
+    "MODULE_ORDER", "SCALE_TYPES", "ScaleByApolloState", "SeededProjection", "apollo",
+    "apollo_mini", "model_order_key", "projectors", "scale_by_apollo",
     "ATTN_MLP", "BLOCK_ORDERS", "MOMENTS", "PROJECTORS", "PROJ_TYPES", "RESIDUALS", "STATE_FREE",
     "SUBSPACES", "DimensionNumbers", "LowRankState", "Projector", "ScaleByFiraState",
     "ScaleByFrugalState", "ScaleByGaloreState", "fira", "frugal", "galore", "galore_state_size",

@@ -34,7 +34,8 @@ from lrx.optim.lowrank import LowRankState
 ScaleByFiraState = LowRankState
 
 
-def scale_by_fira(rank: int = 128, *, update_proj_gap: int = 200, scale: float = 0.25,
+def scale_by_fira(rank: int = 128, *, update_proj_gap: int = 200, stagger: bool = False,
+                  scale: float = 0.25,
                   proj_type: str = "std", projector: str = "svd", moments: str = "keep",
                   gamma: float = 1.01, residual: str = "official", b1: float = 0.9,
                   b2: float = 0.999, eps: float = 1e-6, mask: Any = None,
@@ -45,7 +46,7 @@ def scale_by_fira(rank: int = 128, *, update_proj_gap: int = 200, scale: float =
     :func:`lrx.optim.scale_by_galore`, plus ``gamma`` (limiter γ) and ``residual``
     ('official' | 'paper'). ``proj_type='full'`` is rejected (φ needs a kept dimension)."""
     return lowrank.make(lowrank.Settings(
-        method="fira", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+        method="fira", rank=rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
         proj_type=proj_type, projector=projector, moments=moments, gamma=gamma,
         residual=residual, b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
         oversample=oversample, power_iters=power_iters, warm_start=warm_start,
@@ -53,6 +54,7 @@ def scale_by_fira(rank: int = 128, *, update_proj_gap: int = 200, scale: float =
 
 
 def fira(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap: int = 200,
+         stagger: bool = False,
          scale: float = 0.25, proj_type: str = "std", gamma: float = 1.01,
          residual: str = "official", projector: str = "svd", moments: str = "keep",
          b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0,
@@ -63,7 +65,8 @@ def fira(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap: i
     """Fira-AdamW: :func:`scale_by_fira`, then ``-learning_rate`` (float or schedule) and
     decoupled weight decay after the update (official order)."""
     return optax.chain(
-        scale_by_fira(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        scale_by_fira(rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
+                      proj_type=proj_type,
                       projector=projector, moments=moments, gamma=gamma, residual=residual,
                       b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
                       oversample=oversample, power_iters=power_iters, warm_start=warm_start,

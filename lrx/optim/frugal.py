@@ -42,11 +42,13 @@ from lrx.optim.lowrank import LowRankState
 ScaleByFrugalState = LowRankState
 
 
-def scale_by_frugal(density: float = 0.25, *, update_proj_gap: int = 200, subspace: str = "svd",
+def scale_by_frugal(density: float = 0.25, *, update_proj_gap: int = 200, stagger: bool = False,
+                    subspace: str = "svd",
                     state_free: str = "signsgd", state_free_lr_scale: float = 1.0,
                     reset_on_refresh: bool = True, proj_type: str = "std",
                     proj_params_lr_scale: float = 1.0, block_order: str = "random",
-                    b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, mask: Any = None,
+                    block_order_key: Callable | None = None, b1: float = 0.9, b2: float = 0.999,
+                    eps: float = 1e-6, mask: Any = None,
                     dimension_numbers: Any = None, projector_dtype: Any = jnp.float32,
                     moment_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
     """FRUGAL's direction ``u`` (apply weight decay and ``-lr`` after; see :func:`frugal`).
@@ -66,18 +68,22 @@ def scale_by_frugal(density: float = 0.25, *, update_proj_gap: int = 200, subspa
     if not isinstance(reset_on_refresh, bool):
         raise ValueError(f"reset_on_refresh must be a bool, got {reset_on_refresh!r}")
     return lowrank.make(lowrank.Settings(
-        method="frugal", density=density, update_proj_gap=update_proj_gap, subspace=subspace,
+        method="frugal", density=density, update_proj_gap=update_proj_gap, stagger=stagger,
+        subspace=subspace,
         state_free=state_free, state_free_lr_scale=state_free_lr_scale,
         moments="reset" if reset_on_refresh else "keep", proj_type=proj_type,
-        proj_params_lr_scale=proj_params_lr_scale, block_order=block_order, b1=b1, b2=b2,
+        proj_params_lr_scale=proj_params_lr_scale, block_order=block_order,
+        block_order_key=block_order_key, b1=b1, b2=b2,
         eps=eps, mask=mask, dimension_numbers=dimension_numbers,
         projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed))
 
 
 def frugal(learning_rate: float | Callable, *, density: float = 0.25, update_proj_gap: int = 200,
+           stagger: bool = False,
            subspace: str = "svd", state_free: str = "signsgd", state_free_lr_scale: float = 1.0,
            reset_on_refresh: bool = True, proj_type: str = "std",
-           proj_params_lr_scale: float = 1.0, block_order: str = "random", b1: float = 0.9,
+           proj_params_lr_scale: float = 1.0, block_order: str = "random",
+           block_order_key: Callable | None = None, b1: float = 0.9,
            b2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.0, mask: Any = None,
            weight_decay_mask: Any = None, dimension_numbers: Any = None,
            projector_dtype: Any = jnp.float32, moment_dtype: Any = None,
@@ -85,11 +91,13 @@ def frugal(learning_rate: float | Callable, *, density: float = 0.25, update_pro
     """FRUGAL-AdamW: :func:`scale_by_frugal`, decoupled weight decay on the pre-update weight
     (the official order), then ``-learning_rate`` (float or schedule)."""
     return optax.chain(
-        scale_by_frugal(density, update_proj_gap=update_proj_gap, subspace=subspace,
+        scale_by_frugal(density, update_proj_gap=update_proj_gap, stagger=stagger,
+                        subspace=subspace,
                         state_free=state_free, state_free_lr_scale=state_free_lr_scale,
                         reset_on_refresh=reset_on_refresh, proj_type=proj_type,
                         proj_params_lr_scale=proj_params_lr_scale, block_order=block_order,
-                        b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
+                        block_order_key=block_order_key, b1=b1, b2=b2, eps=eps, mask=mask,
+                        dimension_numbers=dimension_numbers,
                         projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed),
         optax.add_decayed_weights(weight_decay, weight_decay_mask),
         optax.scale_by_learning_rate(learning_rate))

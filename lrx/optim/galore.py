@@ -39,7 +39,8 @@ from lrx.optim.lowrank import LowRankState
 ScaleByGaloreState = LowRankState
 
 
-def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, scale: float = 0.25,
+def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: bool = False,
+                    scale: float = 0.25,
                     proj_type: str = "std", projector: str = "svd", moments: str = "keep",
                     base_optimizer: optax.GradientTransformation | None = None,
                     b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6, mask: Any = None,
@@ -51,6 +52,10 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, scale: float
     Args:
       rank: r, clipped to ``min(m, n)`` per matrix.
       update_proj_gap: T, refresh the projectors when ``count % T == 0``.
+      stagger: refresh matrix ``j`` of ``J`` (every layer of a stack counted) at its own offset,
+        when ``count % T == (j·T) // J`` (and at ``count == 0``), so no step pays every SVD.
+        Refreshes always run one matrix at a time (``lax.map`` over a stack, leaves chained by
+        data dependencies), so the peak holds one matrix's decomposition workspace.
       scale: α, multiplies the back-projected update of projected leaves.
       proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (GaLore's side rule for the
         ``(m, n)`` matrix as given; 'reverse_std' minimises optimizer memory).
@@ -73,7 +78,7 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, scale: float
       A GradientTransformation with :class:`LowRankState`.
     """
     return lowrank.make(lowrank.Settings(
-        method="galore", rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+        method="galore", rank=rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
         proj_type=proj_type, projector=projector, moments=moments, b1=b1, b2=b2, eps=eps,
         mask=mask, dimension_numbers=dimension_numbers, oversample=oversample,
         power_iters=power_iters, warm_start=warm_start, projector_dtype=projector_dtype,
@@ -81,6 +86,7 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, scale: float
 
 
 def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap: int = 200,
+           stagger: bool = False,
            scale: float = 0.25, proj_type: str = "std", projector: str = "svd",
            moments: str = "keep", b1: float = 0.9, b2: float = 0.999, eps: float = 1e-6,
            weight_decay: float = 0.0, mask: Any = None, weight_decay_mask: Any = None,
@@ -103,7 +109,8 @@ def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap:
                                mask=lrx.optim.path_mask(params, lrx.optim.ATTN_MLP))
     """
     return optax.chain(
-        scale_by_galore(rank, update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        scale_by_galore(rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
+                        proj_type=proj_type,
                         projector=projector, moments=moments, b1=b1, b2=b2, eps=eps, mask=mask,
                         base_optimizer=base_optimizer, dimension_numbers=dimension_numbers,
                         oversample=oversample, power_iters=power_iters, warm_start=warm_start,

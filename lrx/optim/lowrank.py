@@ -15,6 +15,7 @@ papers and equations). Shared structure:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -36,8 +37,9 @@ class LowRankState(NamedTuple):
     """State of the low-rank transforms (leaf-aligned trees have the params' structure).
 
     count: int32 ``[]``, updates done so far (refresh when ``count % update_proj_gap == 0``).
-    moment_count: int32 ``[]`` steps since the last moment reset (bias correction of projected
-      leaves) or ``None`` when moments are never reset.
+    moment_count: per leaf int32 ``(B,)``: steps since each matrix's last moment restart (bias
+      correction of projected leaves under ``moments='reset'`` and of FRUGAL blocks, which
+      restart on every (re-)activation); ``None`` for other leaves.
     key: uint32 ``[2]`` PRNG key (the seed) or ``None`` for purely deterministic projectors.
     projector: per leaf a :class:`lrx.optim.subspace.Projector` (``(B, m, r)``/``(B, n, r)``)
       or None.
@@ -88,6 +90,8 @@ class Settings:
     projector_dtype: Any = jnp.float32
     moment_dtype: Any = None
     seed: int = 0
+    stagger: bool = False
+    block_order_key: Any = None
     mask: Any = None
     dimension_numbers: Any = None
     base_optimizer: Any = None
@@ -101,6 +105,7 @@ class Plan:
     layout: sub.Layout | None = None
     side: str | None = None
     rank: int = 0
+    name: str = ""                     # '/'-joined path
 
 
 def _is_number(x) -> bool:
@@ -138,6 +143,16 @@ def validate(s: Settings) -> None:
     if s.base_optimizer is not None and s.moments == "project":
         raise ValueError("moments='project' needs the built-in Adam (base_optimizer=None); "
                          "use 'keep' or 'reset' with a custom base_optimizer")
+    if not isinstance(s.stagger, bool):
+        raise ValueError(f"stagger must be a bool, got {s.stagger!r}")
+    if s.stagger and s.method == "frugal" and s.subspace == "blocks":
+        raise ValueError("stagger=True does not apply to subspace='blocks' "
+                         "(blocks switch together)")
+    if s.stagger and s.base_optimizer is not None and s.moments == "reset":
+        raise ValueError("stagger=True with moments='reset' needs the built-in Adam "
+                         "(base_optimizer=None)")
+    if s.block_order_key is not None and not callable(s.block_order_key):
+        raise ValueError("block_order_key must be a callable (name, layer) -> sortable key")
     for name in ("oversample", "power_iters"):
         v = getattr(s, name)
         if not isinstance(v, int) or v < 0:
@@ -172,16 +187,75 @@ def _dims_leaves(s: Settings, treedef, n: int) -> list:
     return treedef.flatten_up_to(d)
 
 
+def is_variable(x: Any) -> bool:
+    """True for a ``flax.nnx.Variable`` (``nnx.Param`` ...): the engine treats one as a leaf
+    holding its array, so nnx states work like plain pytrees (``nnx.Optimizer(model, tx,
+    wrt=nnx.Param)``)."""
+    try:
+        from flax import nnx
+    except ImportError:          # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(x, nnx.Variable)
+
+
+def flatten_with_path(tree: Any) -> tuple[list, Any]:
+    """``jax.tree_util.tree_flatten_with_path`` with nnx Variables as leaves."""
+    return jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_variable)
+
+
+def leaf_value(x: Any) -> Any:
+    """The array of a leaf (the value of an nnx Variable)."""
+    return x.get_value() if is_variable(x) else x
+
+
+def rewrap(like: Any, value: Any) -> Any:
+    """``value`` in the container of ``like`` (an nnx Variable keeps its type and metadata)."""
+    return like.replace(value) if is_variable(like) else value
+
+
+def select_layouts(tree: Any, mask: Any = None, dimension_numbers: Any = None
+                   ) -> tuple[list[sub.Layout | None], list[str], Any, list]:
+    """The engine's leaf selection for any method: ``(layouts, names, treedef, leaves)`` with a
+    :class:`lrx.optim.subspace.Layout` ``(B, m, n)`` per selected leaf (None for the others).
+
+    ``mask``: None (every leaf with ``ndim >= 2``), a bool pytree like ``tree`` or a callable
+    ``tree -> bools``; ``dimension_numbers``: None, one :class:`DimensionNumbers` or a pytree.
+    """
+    holder = Settings(method="galore", mask=mask, dimension_numbers=dimension_numbers)
+    leaves_with_path, treedef = flatten_with_path(tree)
+    leaves_with_path = [(path, leaf_value(x)) for path, x in leaves_with_path]
+    leaves = [x for _, x in leaves_with_path]
+    masks = _mask_leaves(holder, tree, treedef)
+    dims = _dims_leaves(holder, treedef, len(leaves))
+    layouts, names = [], []
+    for (path, x), m, d in zip(leaves_with_path, masks, dims, strict=True):
+        name = path_name(path)
+        names.append(name)
+        if not m:
+            layouts.append(None)
+            continue
+        if d is None:
+            if getattr(x, "ndim", 0) < 2:
+                raise ValueError(f"mask selects leaf {name!r} of shape "
+                                 f"{tuple(getattr(x, 'shape', ()))}, which is not a matrix; "
+                                 "exclude it from the mask or give dimension_numbers")
+            d = sub.DimensionNumbers()
+        layouts.append(sub.Layout.of(x.shape, d))
+    return layouts, names, treedef, leaves
+
+
 def plans(s: Settings, tree: Any) -> tuple[list[Plan], Any, list]:
     """Per-leaf plans for ``tree`` (params or updates): ``(plans, treedef, leaves)``."""
-    leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    leaves_with_path, treedef = flatten_with_path(tree)
+    leaves_with_path = [(path, leaf_value(x)) for path, x in leaves_with_path]
     leaves = [x for _, x in leaves_with_path]
     masks = _mask_leaves(s, tree, treedef)
     dims = _dims_leaves(s, treedef, len(leaves))
     out = []
     for (path, x), m, d in zip(leaves_with_path, masks, dims, strict=True):
+        name = path_name(path)
         if not m:
-            out.append(Plan("dense"))
+            out.append(Plan("dense", name=name))
             continue
         ndim = getattr(x, "ndim", 0)
         if d is None:
@@ -191,8 +265,47 @@ def plans(s: Settings, tree: Any) -> tuple[list[Plan], Any, list]:
                                  "exclude it from the mask or give dimension_numbers")
             d = sub.DimensionNumbers()
         layout = sub.Layout.of(x.shape, d)
-        out.append(_leaf_plan(s, layout))
+        out.append(dataclasses.replace(_leaf_plan(s, layout), name=name))
     return out, treedef, leaves
+
+
+# Module names in the order a LLaMA-style model defines them (lrx.models.llama and the HF names):
+# FRUGAL's default block order walks the modules of a layer in this order.
+MODULE_ORDER = ("embedding", "embed", "embed_tokens", "layers", "attn_norm", "input_layernorm",
+                "attn", "self_attn", "q", "q_proj", "k", "k_proj", "v", "v_proj", "o", "o_proj",
+                "mlp_norm", "post_attention_layernorm", "mlp", "gate", "gate_proj", "up",
+                "up_proj", "down", "down_proj", "final_norm", "norm", "lm_head", "kernel")
+_RANK = {name: i for i, name in enumerate(MODULE_ORDER)}
+_INT = re.compile(r"\d+")
+
+
+def _natural(text: str) -> tuple:
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text) if t)
+
+
+def model_order_key(name: str, layer: int | None) -> tuple:
+    """Default FRUGAL block order: the model's order, layer by layer (as the official code walks
+    ``model.named_parameters()``).
+
+    ``name`` is the leaf path (``'layers_10/attn/q/kernel'``), ``layer`` the index along a scanned
+    stack's batch axis (``None`` for unstacked leaves). The layer is the stack index, or else the
+    first integer in the path (natural order: ``layers_2`` before ``layers_10``). Within a layer
+    the modules follow :data:`MODULE_ORDER` (the definition order of lrx's LLaMA; unknown names
+    after the known ones, in natural order). Leaves outside any layer come before the layers,
+    except known post-layer modules (final norm, LM head), which come after. A Python dict's own
+    insertion order cannot be used: every jax transformation rebuilds dicts with sorted keys.
+    Pass ``block_order_key=`` (same signature, any sortable result) for other models."""
+    parts = name.split("/")
+    ranks = tuple((_RANK.get(_INT.sub("_", p).rstrip("_"), len(_RANK)), _natural(p))
+                  for p in parts)
+    if layer is None:
+        found = _INT.search(name)
+        layer = int(found.group()) if found else None
+    if layer is None:
+        first = ranks[0][0] if ranks else len(_RANK)
+        after = _RANK["layers"] < first < len(_RANK)       # a known post-layer module
+        return (2 if after else 0, 0, ranks)
+    return (1, layer, ranks)
 
 
 def _leaf_plan(s: Settings, layout: sub.Layout) -> Plan:
@@ -269,9 +382,21 @@ def _rotate(mu, nu, old: sub.Projector, new: sub.Projector):
     return mu, nu
 
 
-def _block_active(s: Settings, plans_: list[Plan], count, key) -> list:
-    sizes = [p.layout.batch for p in plans_ if p.kind == "block"]
-    total = sum(sizes)
+def block_sequence(s: Settings, plans_: list[Plan]) -> list[tuple[int, int]]:
+    """FRUGAL's blocks ``(leaf index, matrix index)`` in the order they are walked: every matrix
+    of every block leaf (a stack's layer axis expanded), sorted by ``block_order_key``
+    (default :func:`model_order_key`)."""
+    key = s.block_order_key or model_order_key
+    blocks = [(i, b) for i, p in enumerate(plans_) if p.kind == "block"
+              for b in range(p.layout.batch)]
+    return sorted(blocks, key=lambda ib: key(
+        plans_[ib[0]].name, ib[1] if plans_[ib[0]].layout.batch > 1 else None))
+
+
+def _block_active(s: Settings, plans_: list[Plan], count, key) -> dict[int, jax.Array]:
+    """Per block leaf the ``(B,)`` float flags of the blocks active in this window."""
+    seq = block_sequence(s, plans_)
+    total = len(seq)
     n_active = round(total * s.density)
     k = count // s.update_proj_gap
     if s.block_order == "random":
@@ -281,10 +406,26 @@ def _block_active(s: Settings, plans_: list[Plan], count, key) -> list:
     else:
         idx = (total - 1 - k * n_active - jnp.arange(n_active)) % total
     flags = jnp.zeros((total,), jnp.float32).at[idx].set(1.0)
-    out, start = [], 0
-    for size in sizes:
-        out.append(flags[start:start + size])
-        start += size
+    where: dict[int, list[int]] = {}
+    for pos, (i, b) in enumerate(seq):
+        where.setdefault(i, [0] * plans_[i].layout.batch)[b] = pos
+    return {i: flags[jnp.asarray(pos_list)] for i, pos_list in where.items()}
+
+
+def _stagger_offsets(s: Settings, plans_: list[Plan]) -> list:
+    """Per projected leaf the ``(B,)`` refresh offsets within the ``update_proj_gap`` window:
+    matrix ``j`` of ``J`` (stack layers counted one by one) refreshes when
+    ``count % T == (j·T) // J`` (and at ``count == 0``)."""
+    total = sum(p.layout.batch for p in plans_ if p.kind == "proj")
+    out, j = [], 0
+    for p in plans_:
+        if p.kind != "proj":
+            out.append(None)
+            continue
+        b = p.layout.batch
+        out.append(jnp.asarray([((j + t) * s.update_proj_gap) // max(total, 1)
+                                for t in range(b)], jnp.int32))
+        j += b
     return out
 
 
@@ -335,15 +476,18 @@ def make(s: Settings) -> optax.GradientTransformation:
             nus = [None] * len(nus)
         return LowRankState(
             count=jnp.zeros([], jnp.int32),
-            moment_count=jnp.zeros([], jnp.int32) if _resets(s) else None,
+            moment_count=treedef.unflatten([
+                jnp.zeros((p.layout.batch,), jnp.int32)
+                if p.kind == "block" or (p.kind == "proj" and _resets(s)
+                                         and s.base_optimizer is None) else None for p in pl]),
             key=jax.random.PRNGKey(s.seed) if _needs_key(s) else None,
             projector=treedef.unflatten(projs), mu=treedef.unflatten(mus),
             nu=treedef.unflatten(nus), extra=treedef.unflatten(extras), base_state=base_state)
 
     def update_fn(updates, state, params=None):
-        pl, treedef, grads = plans(s, updates if params is None else params)
-        if params is not None:
-            grads = treedef.flatten_up_to(updates)
+        pl, treedef, _ = plans(s, updates if params is None else params)
+        raw = treedef.flatten_up_to(updates)
+        grads = [leaf_value(g) for g in raw]
         projs = treedef.flatten_up_to(state.projector)
         mus = treedef.flatten_up_to(state.mu)
         nus = treedef.flatten_up_to(state.nu)
@@ -351,77 +495,152 @@ def make(s: Settings) -> optax.GradientTransformation:
         g3 = [p.layout.to3(g) if p.kind in ("proj", "block", "free") else None
               for p, g in zip(pl, grads, strict=True)]
         count = state.count
+        mcounts = treedef.flatten_up_to(state.moment_count)
         is_refresh = count % s.update_proj_gap == 0
+        step_key = (jax.random.fold_in(state.key, count) if state.key is not None else
+                    jax.random.PRNGKey(0))
+        moments_touched = s.moments != "keep" and s.base_optimizer is None
 
-        # ---- refresh: one cond on a scalar predicate around every projector computation.
-        def refresh(operand):
-            projs_, mus_, nus_, extras_, mcount, base_state = operand
-            step_key = (jax.random.fold_in(state.key, count) if state.key is not None else
-                        jax.random.PRNGKey(0))
-            new_projs, new_mus, new_nus = list(projs_), list(mus_), list(nus_)
-            new_extras = list(extras_)
+        def refresh_matrix(i, g, old, mu, nu, mc, key):
+            """One matrix ``g (m, n)`` of leaf ``i``: new projector and the moment policy."""
+            p = pl[i]
+            expand = lambda x: None if x is None else x[None]  # noqa: E731
+            new = sub.compute_projector(
+                g[None], p.side, p.rank, method, key,
+                sub.Projector(expand(old.left), expand(old.right)),
+                oversample=s.oversample, power_iters=s.power_iters, warm_start=s.warm_start,
+                warm_valid=count > 0, dtype=s.projector_dtype)
+            new = sub.Projector(*(None if x is None else x[0] for x in new))
+            if mu is not None and s.moments == "reset":
+                mu, nu = jnp.zeros_like(mu), jnp.zeros_like(nu)
+            elif mu is not None and s.moments == "project":
+                mu_r, nu_r = _rotate(expand(mu).astype(jnp.float32),
+                                     expand(nu).astype(jnp.float32),
+                                     sub.Projector(expand(old.left), expand(old.right)),
+                                     sub.Projector(expand(new.left), expand(new.right)))
+                mu, nu = mu_r[0].astype(mu.dtype), nu_r[0].astype(nu.dtype)
+            if mc is not None:
+                mc = jnp.zeros_like(mc)
+            return new, mu, nu, mc
+
+        def refresh_leaf(i, g, old, mu, nu, mc, preds):
+            """Refresh the ``B`` matrices of leaf ``i`` one at a time (``lax.map``: one matrix's
+            decomposition workspace at a time, and unbatched LAPACK calls, which cannot
+            deadlock inside sharded or scanned programs). ``preds (B,)``: per-matrix refresh
+            predicates (stagger) or None (refresh all)."""
+            keys = jax.random.split(jax.random.fold_in(step_key, i), pl[i].layout.batch)
+
+            def one(args):
+                g_b, old_b, mu_b, nu_b, mc_b, key_b, pred_b = args
+                if pred_b is None:
+                    return refresh_matrix(i, g_b, old_b, mu_b, nu_b, mc_b, key_b)
+                return jax.lax.cond(
+                    pred_b, lambda o: refresh_matrix(i, g_b, *o, key_b), lambda o: o,
+                    (old_b, mu_b, nu_b, mc_b))
+
+            # The old projector is read only for warm starts, moment rotation and staggered
+            # conds; otherwise it stays out of the loop so its buffer can be reused.
+            if not (s.warm_start or s.moments == "project" or preds is not None):
+                old = sub.Projector(None, None)
+            args = (g, old, mu, nu, mc, keys, preds)
+            if pl[i].layout.batch == 1:
+                out = one(jax.tree_util.tree_map(lambda x: x[0], args))
+                return jax.tree_util.tree_map(lambda x: x[None], out)
+            return jax.lax.map(one, args)
+
+        def refresh_projected(projs_, mus_, nus_, mcs_, preds_):
+            """Every projected leaf in turn, chained by data dependencies: leaf ``i+1``'s gradient
+            passes an optimization barrier together with leaf ``i``'s result, so XLA cannot
+            overlap two leaves' decompositions (peak memory: one matrix's workspace)."""
+            projs_, mus_, nus_, mcs_ = list(projs_), list(mus_), list(nus_), list(mcs_)
+            prev = None
             for i, p in enumerate(pl):
                 if p.kind != "proj":
                     continue
-                new = sub.compute_projector(
-                    g3[i], p.side, p.rank, method, jax.random.fold_in(step_key, i), projs_[i],
-                    oversample=s.oversample, power_iters=s.power_iters, warm_start=s.warm_start,
-                    warm_valid=count > 0, dtype=s.projector_dtype)
-                if mus_[i] is not None:
-                    if s.moments == "reset":
-                        new_mus[i] = jnp.zeros_like(mus_[i])
-                        new_nus[i] = jnp.zeros_like(nus_[i])
-                    elif s.moments == "project":
-                        mu_r, nu_r = _rotate(mus_[i].astype(jnp.float32),
-                                             nus_[i].astype(jnp.float32), projs_[i], new)
-                        new_mus[i] = mu_r.astype(mus_[i].dtype)
-                        new_nus[i] = nu_r.astype(nus_[i].dtype)
-                new_projs[i] = new
-            if any(p.kind == "block" for p in pl):
-                active = iter(_block_active(s, pl, count, state.key if state.key is not None
-                                            else jax.random.PRNGKey(0)))
-                for i, p in enumerate(pl):
-                    if p.kind == "block":
-                        new_extras[i] = next(active)
-                        new_mus[i] = jnp.zeros_like(mus_[i])
-                        new_nus[i] = jnp.zeros_like(nus_[i])
-            if mcount is not None:
-                mcount = jnp.zeros_like(mcount)
-            if base_state is not None and s.moments == "reset":
-                # zeros == the state right after init for optax's adam/sgd/... (counts included)
-                base_state = jax.tree_util.tree_map(jnp.zeros_like, base_state)
-            return new_projs, new_mus, new_nus, new_extras, mcount, base_state
+                g = g3[i]
+                if prev is not None:
+                    g, prev = jax.lax.optimization_barrier((g, prev))
+                new, mu, nu, mc = refresh_leaf(i, g, projs_[i], mus_[i], nus_[i], mcs_[i],
+                                               preds_[i])
+                projs_[i], mus_[i], nus_[i], mcs_[i] = new, mu, nu, mc
+                prev = new
+            return projs_, mus_, nus_, mcs_
 
-        # Only what a refresh changes goes through the cond (pass-through outputs of a cond are
-        # copies: carrying the dense leaves' moments would copy them every step).
-        def touched(i):
-            p = pl[i]
-            return p.kind == "block" or (p.kind == "proj" and s.moments != "keep")
+        def refresh_blocks(extras_, mus_, nus_, mcs_):
+            """FRUGAL blocks: the next active set in block order; a block's moments and bias
+            correction restart whenever it is (re-)activated (every refresh under reset)."""
+            extras_, mus_, nus_, mcs_ = list(extras_), list(mus_), list(nus_), list(mcs_)
+            active = _block_active(s, pl, count, state.key if state.key is not None
+                                   else jax.random.PRNGKey(0))
+            for i, flags in active.items():
+                was = extras_[i]
+                restart = flags if s.moments == "reset" else flags * (1.0 - was)
+                keep = (1.0 - restart)[:, None, None]
+                extras_[i] = flags
+                mus_[i] = (mus_[i] * keep).astype(mus_[i].dtype)
+                nus_[i] = (nus_[i] * keep).astype(nus_[i].dtype)
+                mcs_[i] = jnp.where(restart > 0, 0, mcs_[i]).astype(jnp.int32)
+            return extras_, mus_, nus_, mcs_
 
-        sel = [touched(i) for i in range(len(pl))]
-        pick = lambda xs: [x if t else None for x, t in zip(xs, sel, strict=True)]  # noqa: E731
-        blocks = [x if p.kind == "block" else None for x, p in zip(extras, pl, strict=True)]
-        reset_base = state.base_state if s.moments == "reset" else None
-        operand = (projs, pick(mus), pick(nus), blocks, state.moment_count, reset_base)
-        projs, c_mus, c_nus, c_extras, mcount, c_base = jax.lax.cond(
-            is_refresh, refresh, lambda o: o, operand)
-        mus = [c if t else x for c, x, t in zip(c_mus, mus, sel, strict=True)]
-        nus = [c if t else x for c, x, t in zip(c_nus, nus, sel, strict=True)]
-        extras = [c if p.kind == "block" else x for c, x, p in zip(c_extras, extras, pl,
-                                                                  strict=True)]
-        base_state = c_base if s.moments == "reset" else state.base_state
+        proj_sel = [p.kind == "proj" for p in pl]
+        block_sel = [p.kind == "block" for p in pl]
+        pick = lambda xs, sel: [x if t else None for x, t in zip(xs, sel, strict=True)]  # noqa: E731
+        merge = lambda new, old, sel: [n if t else o for n, o, t in zip(new, old, sel, strict=True)]  # noqa: E731
+        mom_sel = proj_sel if moments_touched else [False] * len(pl)
+        base_state = state.base_state
+
+        if s.stagger:
+            # Each matrix refreshes inside its own cond at its own offset: no outer cond.
+            offsets = _stagger_offsets(s, pl)
+            preds = [None if o is None else (count == 0) | (count % s.update_proj_gap == o)
+                     for o in offsets]
+            n_projs, n_mus, n_nus, n_mcs = refresh_projected(
+                projs, pick(mus, mom_sel), pick(nus, mom_sel), pick(mcounts, proj_sel), preds)
+            projs = merge(n_projs, projs, proj_sel)
+            mus, nus = merge(n_mus, mus, mom_sel), merge(n_nus, nus, mom_sel)
+            mcounts = merge(n_mcs, mcounts, proj_sel)
+        else:
+            # ---- one cond on the scalar predicate around every projector computation; only
+            # what a refresh changes goes through it (pass-through outputs of a cond are copies).
+            reset_base = base_state if (s.moments == "reset" and base_state is not None) else None
+
+            def refresh(operand):
+                projs_, mus_, nus_, mcs_, extras_, bmus, bnus, bmcs, base_ = operand
+                projs_, mus_, nus_, mcs_ = refresh_projected(projs_, mus_, nus_, mcs_,
+                                                             [None] * len(pl))
+                if any(block_sel):
+                    extras_, bmus, bnus, bmcs = refresh_blocks(extras_, bmus, bnus, bmcs)
+                if base_ is not None:
+                    # zeros == the state right after init for optax's adam/sgd/... (counts too)
+                    base_ = jax.tree_util.tree_map(jnp.zeros_like, base_)
+                return projs_, mus_, nus_, mcs_, extras_, bmus, bnus, bmcs, base_
+
+            operand = (projs, pick(mus, mom_sel), pick(nus, mom_sel), pick(mcounts, proj_sel),
+                       pick(extras, block_sel), pick(mus, block_sel), pick(nus, block_sel),
+                       pick(mcounts, block_sel), reset_base)
+            (projs, c_mus, c_nus, c_mcs, c_ext, c_bmus, c_bnus, c_bmcs,
+             c_base) = jax.lax.cond(is_refresh, refresh, lambda o: o, operand)
+            mus = merge(c_bmus, merge(c_mus, mus, mom_sel), block_sel)
+            nus = merge(c_bnus, merge(c_nus, nus, mom_sel), block_sel)
+            mcounts = merge(c_bmcs, merge(c_mcs, mcounts, proj_sel), block_sel)
+            extras = merge(c_ext, extras, block_sel)
+            if reset_base is not None:
+                base_state = c_base
 
         k_all = count + 1
-        k_proj = mcount + 1 if mcount is not None else k_all
         b1, b2, eps = s.b1, s.b2, s.eps
 
         if s.base_optimizer is not None:
-            return _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state,
-                              mcount, params)
+            u, new_state = _with_base(s, pl, treedef, grads, g3, projs, state, k_all,
+                                      base_state, mcounts, params)
+            return treedef.unflatten([rewrap(r, x) for r, x in
+                                      zip(raw, treedef.flatten_up_to(u), strict=True)]), new_state
 
         new_upd, new_mu, new_nu, new_extra = [], [], [], []
         for i, p in enumerate(pl):
             g, mu, nu, ex = grads[i], mus[i], nus[i], extras[i]
+            # bias-correction step: per matrix (B, 1, 1) where moments restart, else global
+            k_proj = k_all if mcounts[i] is None else (mcounts[i] + 1)[:, None, None]
             d = None
             if p.kind == "dense":
                 mu, nu = _moments(mu, nu, g, b1, b2)
@@ -462,11 +681,12 @@ def make(s: Settings) -> optax.GradientTransformation:
             new_nu.append(None if nu is None else nu.astype(dt))
             new_extra.append(ex)
         new_state = LowRankState(
-            count=optax.safe_increment(count), moment_count=(
-                None if mcount is None else optax.safe_increment(mcount)),
+            count=optax.safe_increment(count), moment_count=treedef.unflatten(
+                [None if c is None else optax.safe_increment(c) for c in mcounts]),
             key=state.key, projector=treedef.unflatten(projs), mu=treedef.unflatten(new_mu),
             nu=treedef.unflatten(new_nu), extra=treedef.unflatten(new_extra), base_state=None)
-        return treedef.unflatten(new_upd), new_state
+        return treedef.unflatten([rewrap(r, x) for r, x in zip(raw, new_upd, strict=True)]
+                                 ), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
 
@@ -502,7 +722,7 @@ def _fira(s: Settings, g3, r, psi_f, pr, side, prev, first):
     return f * (s.scale * sub.project_back(psi, pr) + resid), new_prev
 
 
-def _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state, mcount, params):
+def _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state, mcounts, params):
     """GaLore with a user optax ``base_optimizer`` applied to the projected gradients."""
     del k_all, params
     rs = []
@@ -520,7 +740,8 @@ def _with_base(s, pl, treedef, grads, g3, projs, state, k_all, base_state, mcoun
     n = len(pl)
     new_state = LowRankState(
         count=optax.safe_increment(state.count),
-        moment_count=None if mcount is None else optax.safe_increment(mcount),
+        moment_count=treedef.unflatten(
+            [None if c is None else optax.safe_increment(c) for c in mcounts]),
         key=state.key, projector=treedef.unflatten(projs),
         mu=treedef.unflatten([None] * n), nu=treedef.unflatten([None] * n),
         extra=treedef.unflatten([None] * n), base_state=base_state)

@@ -24,9 +24,24 @@ ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"
 path_name = path_str  # the name lrx.optim has always exported
 
 
+def _is_variable(x: Any) -> bool:
+    try:
+        from flax import nnx
+    except ImportError:          # pragma: no cover - flax is a dependency
+        return False
+    return isinstance(x, nnx.Variable)
+
+
+def _name(path) -> str:
+    """The '/'-joined path; nnx paths lose their trailing ``/value`` (a Variable's field)."""
+    name = path_name(path)
+    return name[: -len("/value")] if name.endswith("/value") else name
+
+
 def path_names(tree: Any) -> Any:
-    """Pytree of the leaves' '/'-joined path names (handy to write regexes)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), tree)
+    """Pytree of the leaves' '/'-joined path names (handy to write regexes). nnx Variables
+    (``nnx.Param`` ...) count as leaves, so an nnx state gives ``'l1/kernel'``."""
+    return jax.tree_util.tree_map_with_path(lambda p, _: _name(p), tree, is_leaf=_is_variable)
 
 
 def path_mask(params: Any, include: str = ".*", exclude: str | None = None, *,
@@ -35,16 +50,18 @@ def path_mask(params: Any, include: str = ".*", exclude: str | None = None, *,
     ``exclude`` (``re.search``) and the leaf has at least ``min_ndim`` axes.
 
     Example: ``path_mask(params, ATTN_MLP)`` projects the attention and MLP kernels only.
+    Works on Flax linen dicts and on nnx states (``nnx.state(model, nnx.Param)``): an nnx
+    Variable is one leaf named by its module path (``'l1/kernel'``, no ``/value``).
     """
     inc = re.compile(include)
     exc = re.compile(exclude) if exclude else None
 
     def leaf(path, x):
-        name = path_name(path)
+        name = _name(path)
         ok = inc.fullmatch(name) is not None and (exc is None or exc.search(name) is None)
         return bool(ok and getattr(x, "ndim", 0) >= min_ndim)
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_variable)
 
 
 def path_labels(params: Any, rules: Mapping[str, str], default: str) -> Any:
@@ -53,10 +70,10 @@ def path_labels(params: Any, rules: Mapping[str, str], default: str) -> Any:
     compiled = [(label, re.compile(rx)) for label, rx in rules.items()]
 
     def leaf(path, _):
-        name = path_name(path)
+        name = _name(path)
         for label, rx in compiled:
             if rx.fullmatch(name):
                 return label
         return default
 
-    return jax.tree_util.tree_map_with_path(leaf, params)
+    return jax.tree_util.tree_map_with_path(leaf, params, is_leaf=_is_variable)

@@ -13,23 +13,27 @@ Projectors are stored as orthonormal column blocks:
 * full (two-sided): both, ``R = Pᵀ G Q (B, r, r)``.
 
 Side rules follow the official GaLore ``GaLoreProjector`` (Zhao et al., "GaLore: Memory-Efficient
-LLM Training by Gradient Low-Rank Projection", arXiv 2403.03507) for the array as given
-(rows x cols):
+LLM Training by Gradient Low-Rank Projection", arXiv 2403.03507) *for the same physical layer*. The
+official code looks at a PyTorch ``(out, in)`` weight and projects with ``Vh[:r]`` (the input
+dimension) when ``out >= in`` under ``std``. lrx states the rule in terms of
+:class:`DimensionNumbers`: ``m`` is the size of the reduction (input) axes, ``n`` of the output
+axes, and the matrix is viewed as ``(m, n)`` (a Flax ``(in, out)`` kernel as stored; a PyTorch
+``(out, in)`` weight with ``DimensionNumbers(reduction=(-1,), output=(-2,))`` is transposed to it):
 
-============  =======================  =======================
-proj_type     m >= n                   m < n
-============  =======================  =======================
-std           right (state m x r)      left (state r x n)
-reverse_std   left  (state r x n)      right (state m x r)
-left / right  always that side         always that side
-full          two-sided (state r x r)  two-sided
-============  =======================  =======================
+============  ===============================  ===============================
+proj_type     n >= m (out >= in; ties)         n < m (out < in)
+============  ===============================  ===============================
+std           left: project the input axes     right: project the output axes
+reverse_std   right: project the output axes   left: project the input axes
+left / right  always that side of ``(m, n)``   always that side
+full          two-sided (state r x r)          two-sided
+============  ===============================  ===============================
 
-``std`` and ``reverse_std`` depend only on which dimension is smaller, so they pick the same
-physical dimension of a layer in PyTorch's ``(out, in)`` layout and in Flax's ``(in, out)`` kernel
-layout; ``left``/``right`` swap meaning between the two layouts. ``std`` puts the projector on the
-smaller dimension (projector ``r·min(m, n)``, moments ``2·r·max(m, n)``); ``reverse_std`` (the rule
-``optax.contrib.galore`` hard-codes) puts it on the larger one and needs less optimizer memory.
+So on a tie (square layer) ``std`` projects the reduction (input) axes and ``reverse_std`` the
+output axes, exactly as the official code does on the PyTorch weight of that layer. ``std`` puts the
+projector on the smaller dimension (projector ``r·min(m, n)``, moments ``2·r·max(m, n)``);
+``reverse_std`` (the rule ``optax.contrib.galore`` hard-codes) puts it on the larger one and needs
+less optimizer memory. ``left``/``right`` refer to the ``(m, n)`` view.
 
 Projector backends (``projector=``):
 
@@ -144,14 +148,19 @@ class Layout:
 
 
 def resolve_side(m: int, n: int, proj_type: str) -> str:
-    """'left' | 'right' | 'full' for an ``m x n`` matrix under GaLore's ``proj_type`` rule."""
+    """'left' | 'right' | 'full' for a matrix with ``m`` reduction (input) and ``n`` output entries.
+
+    The official rule on the PyTorch ``(out, in) = (n, m)`` weight: ``std`` projects the input
+    dimension (``Vh[:r]``, lrx's left side of ``(m, n)``) when ``out >= in``, else the output
+    dimension; ``reverse_std`` the opposite. Ties therefore go to the input axes for ``std``.
+    """
     check_choice(proj_type, PROJ_TYPES, "proj_type")
     if proj_type in ("left", "right", "full"):
         return proj_type
-    tall = m >= n
+    out_ge_in = n >= m
     if proj_type == "std":
-        return "right" if tall else "left"
-    return "left" if tall else "right"
+        return "left" if out_ge_in else "right"
+    return "right" if out_ge_in else "left"
 
 
 class Projector(NamedTuple):

@@ -1,18 +1,44 @@
 """Independent NumPy float64 re-derivations of GaLore, Fira and FRUGAL (written from the papers
-and the official code's documented semantics, not from lrx)."""
+and the official code's documented semantics, not from lrx).
+
+Every reference works on the **PyTorch layout** ``(out, in)`` that the official code sees and
+applies the official side rule to it (``shape[0] >= shape[1]`` -> right projector ``Vh[:r]`` for
+``std``).
+A Flax ``(in, out)`` kernel is handled by transposing into the PyTorch layout, running the official
+rule there and transposing the result back (``layout='flax'``).
+"""
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 
 
 def side_for(m: int, n: int, proj_type: str) -> str:
-    """GaLore's official side table (rows x cols as given)."""
+    """GaLore's official side table for a PyTorch ``(out, in) = (m, n)`` weight."""
     if proj_type in ("left", "right", "full"):
         return proj_type
     if proj_type == "std":
         return "right" if m >= n else "left"
     return "left" if m >= n else "right"
+
+
+def torch_layout(fn):
+    """Run ``fn`` (written for PyTorch ``(out, in)`` weights) on Flax ``(in, out)`` kernels when
+    called with ``layout='flax'``: weights and gradients are transposed in and the result out.
+    ``proj_type`` is always the official name for the PyTorch weight (``left`` = ``U[:, :r]`` over
+    the output dimension)."""
+
+    @functools.wraps(fn)
+    def wrapped(w, grads, *, layout="torch", **kw):
+        if layout == "torch":
+            return fn(w, grads, **kw)
+        assert layout == "flax", layout
+        out = fn(np.asarray(w).T, [np.asarray(g).T for g in grads], **kw)
+        return out.T
+
+    return wrapped
 
 
 def _flip(x):
@@ -44,9 +70,11 @@ def up(r, p, q):
     return r
 
 
+@torch_layout
 def galore(w, grads, *, rank, gap, scale, proj_type, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-6,
-           moments="keep"):
-    """Weights after GaLore-AdamW on the given gradient sequence (one matrix)."""
+           moments="keep", offset=0):
+    """Weights after GaLore-AdamW on the given gradient sequence (one matrix); the projector is
+    refreshed at ``t == 0`` and whenever ``t % gap == offset`` (``offset`` > 0: staggering)."""
     w = np.array(w, np.float64)
     m, n = w.shape
     side = side_for(m, n, proj_type)
@@ -55,7 +83,7 @@ def galore(w, grads, *, rank, gap, scale, proj_type, lr, wd=0.0, b1=0.9, b2=0.99
     c = 0
     for t, g in enumerate(grads):
         g = np.asarray(g, np.float64)
-        if t % gap == 0:
+        if t == 0 or t % gap == offset:
             p_new, q_new = top_vectors(g, r, side)
             if mu is not None and moments == "reset":
                 mu, nu, c = np.zeros_like(mu), np.zeros_like(nu), 0
@@ -92,6 +120,7 @@ def adamw_galore_style(w, grads, *, lr, wd=0.0, b1=0.9, b2=0.999, eps=1e-6):
     return w
 
 
+@torch_layout
 def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="official", wd=0.0,
          b1=0.9, b2=0.999, eps=1e-6):
     """Weights after Fira-AdamW (φ, residual, limiter) on the gradient sequence."""
@@ -112,11 +141,11 @@ def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="off
         mu = b1 * mu + (1 - b1) * rr
         nu = b2 * nu + (1 - b2) * rr * rr
         psi = mu / (np.sqrt(nu) + eps)
-        axis = 0 if side == "left" else 1
+        axis = 0 if rr.shape[0] < rr.shape[1] else 1          # the official norm_dim rule
         phi = np.linalg.norm(psi, axis=axis) / (np.linalg.norm(rr, axis=axis) + 1e-8)
         alpha = scale if residual == "official" else 1.0
         s = g - alpha * up(rr, p, q)
-        s = s * (phi[None, :] if side == "left" else phi[:, None])
+        s = s * (phi[None, :] if axis == 0 else phi[:, None])
         norm = np.linalg.norm(s)
         if prev is None:
             prev = norm
@@ -130,6 +159,7 @@ def fira(w, grads, *, rank, gap, scale, proj_type, lr, gamma=1.01, residual="off
     return w
 
 
+@torch_layout
 def frugal_svd(w, grads, *, density, gap, lr, proj_type="std", state_free="signsgd",
                free_scale=1.0, reset=True, wd=0.0, b1=0.9, b2=0.999, eps=1e-8):
     """Weights after FRUGAL (SVD subspace, torch AdamW state-full part, signSGD/SGD rest)."""
@@ -164,28 +194,33 @@ def frugal_svd(w, grads, *, density, gap, lr, proj_type="std", state_free="signs
 
 
 def frugal_blocks_descending(ws, grads, *, density, gap, lr, free_scale=1.0, b1=0.9, b2=0.999,
-                             eps=1e-8):
-    """FRUGAL blockwise (descending order) over a list of matrices ``ws``; grads[t][i]."""
+                             eps=1e-8, reset=True):
+    """FRUGAL blockwise (descending order) over a list of matrices ``ws`` given in model order;
+    grads[t][i]. Inactive blocks hold no state; a block that becomes active starts a fresh Adam
+    state (step 0); with ``reset`` every refresh restarts the state of every active block."""
     ws = [np.array(w, np.float64) for w in ws]
     total = len(ws)
     n_active = round(total * density)
     start = total - 1
     active = set()
-    mus = nus = None
-    c = 0
+    mus = [np.zeros_like(w) for w in ws]
+    nus = [np.zeros_like(w) for w in ws]
+    cs = [0] * total
     for t, gs in enumerate(grads):
         if t % gap == 0:
-            active = {(start - j) % total for j in range(n_active)}
+            new_active = {(start - j) % total for j in range(n_active)}
             start -= n_active
             if start < 0:
                 start += total
-            mus = [np.zeros_like(w) for w in ws]
-            nus = [np.zeros_like(w) for w in ws]
-            c = 0
-        c += 1
+            for i in range(total):
+                if i not in new_active or reset or i not in active:
+                    mus[i], nus[i], cs[i] = np.zeros_like(ws[i]), np.zeros_like(ws[i]), 0
+            active = new_active
         for i, g in enumerate(gs):
             g = np.asarray(g, np.float64)
             if i in active:
+                cs[i] += 1
+                c = cs[i]
                 mus[i] = b1 * mus[i] + (1 - b1) * g
                 nus[i] = b2 * nus[i] + (1 - b2) * g * g
                 step = (mus[i] / (1 - b1 ** c)) / (np.sqrt(nus[i]) / np.sqrt(1 - b2 ** c) + eps)
@@ -193,3 +228,53 @@ def frugal_blocks_descending(ws, grads, *, density, gap, lr, free_scale=1.0, b1=
             else:
                 ws[i] = ws[i] - lr * free_scale * np.sign(g)
     return ws
+
+
+@torch_layout
+def apollo(w, grads, *, orthos, lr, scale_type, scale, proj_type="std", wd=0.0, b1=0.9,
+           b2=0.999, eps=1e-6, gamma=1.01, limiter=True):
+    """Weights after APOLLO-AdamW (official ``apollo_torch``) on a PyTorch ``(out, in)`` weight.
+
+    ``orthos[t]`` is the official ``ortho_matrix`` used at step ``t``: ``(out, r)`` for a left
+    projection (``R = oᵀ G``), ``(r, in)`` for a right one (``R = G oᵀ``); the side comes from the
+    official rule (``side_for``), and the given matrix must have that side's shape."""
+    w = np.array(w, np.float64)
+    out_dim, in_dim = w.shape
+    side = side_for(out_dim, in_dim, proj_type)
+    mu = nu = prev = None
+    for t, (g, o) in enumerate(zip(grads, orthos, strict=True)):
+        g, o = np.asarray(g, np.float64), np.asarray(o, np.float64)
+        if side == "right":
+            assert o.shape[1] == in_dim, (o.shape, w.shape)
+            rr = g @ o.T
+        else:
+            assert o.shape[0] == out_dim, (o.shape, w.shape)
+            rr = o.T @ g
+        if mu is None:
+            mu, nu = np.zeros_like(rr), np.zeros_like(rr)
+        k = t + 1
+        mu = b1 * mu + (1 - b1) * rr
+        nu = b2 * nu + (1 - b2) * rr * rr
+        f = np.sqrt(1 - b2 ** k) / (1 - b1 ** k)
+        psi = mu / (np.sqrt(nu) + eps)
+        if scale_type == "channel":
+            norm_dim = 1 if side == "right" else 0          # the rank axis of R
+            if proj_type == "std":                          # the official rule (std only)
+                assert norm_dim == (0 if g.shape[0] < g.shape[1] else 1)
+            fac = np.linalg.norm(psi, axis=norm_dim) / (np.linalg.norm(rr, axis=norm_dim) + 1e-8)
+            fac = fac[:, None] if norm_dim == 1 else fac[None, :]
+        else:
+            fac = np.linalg.norm(psi) / (np.linalg.norm(rr) + 1e-8)
+        s = g * fac
+        if limiter:
+            norm = np.linalg.norm(s)
+            if prev is None:
+                prev = norm
+            else:
+                lim = max(norm / (prev + 1e-8), gamma) / gamma
+                s = s / lim
+                prev = norm / lim
+        s = s * np.sqrt(scale)
+        w = w - lr * f * s
+        w = w - lr * wd * w
+    return w

@@ -77,11 +77,13 @@ def test_state_shapes_and_memory_closed_form(proj_type, shape):
 
 
 def test_flax_layout_picks_official_dimension_and_reverse_std_is_smaller():
-    """A Flax kernel (in, out) is the transpose of torch's (out, in): 'std' projects the same
-    physical dimension (the smaller one) in both layouts; 'reverse_std' needs less memory."""
+    """resolve_side(m=in, n=out): 'std' projects the input dimension when out >= in (official
+    ``Vh[:r]`` on the torch (out, in) weight), ties included; 'reverse_std' needs less memory."""
     d_in, d_out = 512, 1376            # LLaMA-60M up_proj: torch weight (1376, 512)
-    assert lo.resolve_side(d_out, d_in, "std") == "right"   # torch: Vh[:r] over the in-dim
-    assert lo.resolve_side(d_in, d_out, "std") == "left"    # flax: U[:, :r] over the in-dim
+    assert lo.resolve_side(d_out, d_in, "std") == "right"   # down_proj (in 1376, out 512): out
+    assert lo.resolve_side(d_in, d_out, "std") == "left"    # up_proj: U[:, :r] over the in-dim
+    assert lo.resolve_side(64, 64, "std") == "left"          # tie: the input (reduction) axes
+    assert lo.resolve_side(64, 64, "reverse_std") == "right"  # tie: the output axes
     std = lo.galore_state_size(d_in, d_out, 128, "std")["total"]
     rev = lo.galore_state_size(d_in, d_out, 128, "reverse_std")["total"]
     assert rev < std
