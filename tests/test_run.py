@@ -1,6 +1,7 @@
 """run.py: every config runs 2 steps (subprocess smoke tests) and user errors fail fast, cleanly."""
 
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -26,7 +27,34 @@ def test_unknown_config_file_is_one_clear_line(tmp_path):
     assert "no config file" in out.stderr and "Traceback" not in out.stderr
 
 
+# LM configs that differ from configs/galore.py only in the optimizer or parameterization section:
+# every one is validated in-process below (fast); their 2-step runs are `slow` (the optimizers
+# also run end to end in tests/experiments/test_lm_multidevice.py).
+SLOW_SMOKE = {"adamw.py", "fira.py", "frugal.py", "lora.py", "lowrank.py", "relora.py",
+              "sltrain.py", "pretrain_table.py"}
+
+
+def _load_config(name, arg):
+    spec = importlib.util.spec_from_file_location(f"_config_{name[:-3]}",
+                                                  os.path.join(ROOT, "configs", name))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
+
+
 @pytest.mark.parametrize("name", CONFIGS)
+def test_config_smoke_variant_validates(name):
+    """Every config's ``smoke`` variant names an experiment and passes its validation in-process."""
+    import experiments
+
+    config = _load_config(name, "smoke")
+    module = experiments.load(config.experiment)
+    if hasattr(module, "validate"):
+        module.validate(config)
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SMOKE
+                                  else n for n in CONFIGS])
 def test_config_smoke(name, tmp_path):
     """Each config in configs/ runs with its own quick 'smoke' variant (config arg ``smoke``)."""
     out = run_cli(f"--config=configs/{name}:smoke", f"--workdir={tmp_path}")
