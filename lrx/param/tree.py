@@ -9,7 +9,7 @@ simplest variant), with a jagged learning-rate schedule.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import re
 import warnings
 import zlib
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrx.param.core import FROZEN, TRAINABLE, WITNESS, Factored, is_node, make_witness
+from lrx.param.core import FROZEN, TRAINABLE, Factored, is_node
 from lrx.param.nodes import FACTORIES, LoRA, lora_init
 from lrx.paths import path_str
 
@@ -94,8 +94,7 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
 
 
 def _keep(node: Factored, kind: str) -> Factored:
-    drop = [name for name, k in node.kinds.items() if k in (TRAINABLE, FROZEN, WITNESS)
-            and k != kind]
+    drop = [name for name, k in node.kinds.items() if k in (TRAINABLE, FROZEN) and k != kind]
     return node.replace(**{name: None for name in drop})
 
 
@@ -105,7 +104,8 @@ def partition(params: PyTree) -> tuple[PyTree, PyTree]:
     Dense leaves are trainable. Inside a factored node the trainable part keeps the trainable
     fields (frozen ones set to ``None``) and the frozen part keeps the frozen fields. Take
     gradients and build optimizer state from ``trainable`` only; ``combine`` restores the full
-    tree. Shape witnesses are dropped from both parts.
+    tree. (``jax.grad`` with respect to the full tree also works; it just computes gradients of
+    the frozen fields too.)
     """
     train = jax.tree.map(lambda x: _keep(x, TRAINABLE) if is_node(x) else x, params,
                          is_leaf=is_node)
@@ -124,8 +124,6 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
         for name, kind in t.kinds.items():
             if kind == FROZEN and f is not None:
                 changes[name] = getattr(f, name)
-            elif kind == WITNESS:
-                changes[name] = make_witness(t.shape)
         return t.replace(**changes)
 
     return jax.tree.map(merge, trainable, frozen, is_leaf=is_node)
@@ -137,7 +135,7 @@ def materialize(params: PyTree) -> PyTree:
 
 
 def _size_bytes(x: Any) -> tuple[int, int]:
-    if x is None or getattr(x, "dtype", None) == jax.dtypes.float0:
+    if x is None:
         return 0, 0
     size = int(np.prod(np.shape(x)))
     return size, size * jnp.dtype(x.dtype).itemsize
@@ -165,28 +163,29 @@ def count(params: PyTree) -> dict[str, int]:
 
 
 def factory(method: str, **kwargs: Any) -> Callable:
-    """The factory of ``method`` called with ``kwargs`` (for configs), e.g.
-    ``factory('lora', rank=8, alpha=16)``.
+    """The typed factory of ``method`` built from ``kwargs`` (for configs), e.g.
+    ``factory('lora', rank=8, alpha=16)`` is ``LoRAFactory(rank=8, alpha=16)``.
 
     Raises:
-      ValueError: unknown method (lists the valid ones) or unknown / invalid kwargs (lists the
-        method's keyword arguments with their defaults).
+      ValueError: unknown method (lists the valid ones), unknown or missing kwargs (lists the
+        method's hyperparameters with their defaults) or an invalid value.
     """
     if method not in FACTORIES:
         raise ValueError(f"unknown parameterization method {method!r}; valid methods: "
                          f"{', '.join(FACTORIES)}")
-    fn = FACTORIES[method]
-    sig = inspect.signature(fn)
-    valid = ", ".join(f"{p.name}" + ("" if p.default is inspect.Parameter.empty
-                                     else f"={p.default!r}") for p in sig.parameters.values())
-    unknown = sorted(set(kwargs) - set(sig.parameters))
+    cls = FACTORIES[method]
+    fields = cls.hyperparameters()
+    names = [f.name for f in fields]
+    valid = ", ".join(f.name + ("" if f.default is dataclasses.MISSING else f"={f.default!r}")
+                      for f in fields)
+    unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise ValueError(f"{method}: unknown argument(s) {', '.join(unknown)}; valid: {valid}")
-    missing = [p.name for p in sig.parameters.values()
-               if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING
+               and f.name not in kwargs]
     if missing:
         raise ValueError(f"{method}: missing argument(s) {', '.join(missing)}; valid: {valid}")
-    return fn(**kwargs)
+    return cls(**kwargs)
 
 
 def merge_and_reinit(params: PyTree, key: jax.Array) -> PyTree:
