@@ -11,12 +11,31 @@ separate trainable from frozen fields; :func:`materialize` turns nodes into dens
 :func:`dot` computes ``x @ W`` for dense or factored ``W`` (the one entry point lrx's models use)
 and :func:`read_kernel` reads a dense or factored kernel inside a flax module;
 :func:`count` reports parameter counts; :func:`merge_and_reinit` is ReLoRA's restart.
-See :mod:`lrx.param.nodes` for the papers and equations.
+Data-driven inits (LoRA-GA, EVA, LoRA-SB: ``apply(..., stats=...)``), SoRA's gates and proximal
+step, DyLoRA's nested ranks, Trained Rank Pruning and WeLore's LRC fine-tuning are in
+:mod:`lrx.param.methods`. See :mod:`lrx.param.nodes` and :mod:`lrx.param.methods` for the papers
+and equations.
 """
 
 from lrx.param.core import Factored, dot, is_node, read_kernel
+from lrx.param.methods import (
+    DyLoRA,
+    DyLoRAFactory,
+    EVAFactory,
+    LoRAGAFactory,
+    LoRASB,
+    LoRASBFactory,
+    SoRA,
+    SoRAFactory,
+    dylora_sample_rank,
+    eva_ranks,
+    set_rank,
+    sora_proximal,
+    trp_nuclear_regularizer,
+    trp_truncate,
+    welore_lrc,
+)
 from lrx.param.nodes import (
-    FACTORIES,
     NOLA,
     DoRA,
     DoRAFactory,
@@ -41,6 +60,7 @@ from lrx.param.nodes import (
     vera,
 )
 from lrx.param.tree import (
+    FACTORIES,
     apply,
     combine,
     count,
@@ -54,6 +74,9 @@ from lrx.param.tree import (
 METHODS = tuple(FACTORIES)
 
 __all__ = [
+    "DyLoRA", "DyLoRAFactory", "EVAFactory", "LoRAGAFactory", "LoRASB", "LoRASBFactory", "SoRA",
+    "SoRAFactory", "dylora_sample_rank", "eva_ranks", "set_rank", "sora_proximal",
+    "trp_nuclear_regularizer", "trp_truncate", "welore_lrc",
     "FACTORIES", "METHODS", "NOLA", "DoRA", "DoRAFactory", "Factored", "Factory", "LoRA",
     "LoRAFactory", "LowRank", "LowRankFactory", "NOLAFactory", "RandLoRA", "RandLoRAFactory",
     "SLTrainFactory", "SparsePlusLowRank", "VeRA", "VeRAFactory", "apply", "combine", "count",

@@ -21,17 +21,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from lrx.param.core import FROZEN, TRAINABLE, Factored, is_node
-from lrx.param.nodes import FACTORIES, LoRA, lora_init
+from lrx.param.methods import FACTORIES_V2
+from lrx.param.nodes import FACTORIES as FACTORIES_V1
+from lrx.param.nodes import LoRA, lora_init
 from lrx.paths import path_str
 
 PyTree = Any
+
+FACTORIES = {**FACTORIES_V1, **FACTORIES_V2}
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array) -> PyTree:
+def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array,
+          stats: PyTree | None = None) -> PyTree:
     """Replaces dense matrices by factored weights according to ``rules``.
 
     Args:
@@ -42,6 +47,10 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
         already in ``params`` are left unchanged. Methods with bases shared across layers (VeRA,
         RandLoRA) size them for the largest matrix matched by the same rule.
       key: PRNG key; each matched leaf gets ``fold_in(key, crc32(path))``.
+      stats: data for data-driven inits (factories with a ``needs_stat`` attribute: LoRA-GA and
+        LoRA-SB take the loss gradient ``dL/dW: (m, n)``, EVA the layer's input activations
+        ``(tokens, m)``), as ``{path: array}`` or a tree whose leaf paths match ``params``
+        (e.g. the gradient tree); passed to the factory as its third argument.
     Returns:
       the same tree with factored nodes in place of the matched ``(m, n)`` leaves.
     Raises:
@@ -81,6 +90,10 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
             warnings.warn(f"lrx.param.apply: rule {rules[i][0]!r} matches no parameter "
                           f"(regexes must match the whole path). Available paths: "
                           f"{', '.join(shown[:40])}{more}", UserWarning, stacklevel=2)
+    by_path: dict[str, Any] = {}
+    if stats is not None:
+        flat_stats = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_node)[0]
+        by_path = {path_str(p): x for p, x in flat_stats}
     new = [x for _, x in leaves]
     for i, matched in assigned.items():
         if not matched:
@@ -89,7 +102,10 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
         if hasattr(factory, "bind_shapes"):
             factory = factory.bind_shapes([tuple(np.shape(leaves[j][1])) for j in matched])
         for j in matched:
-            new[j] = factory(_path_key(key, paths[j]), leaves[j][1])
+            if getattr(factory, "needs_stat", None):
+                new[j] = factory(_path_key(key, paths[j]), leaves[j][1], by_path.get(paths[j]))
+            else:
+                new[j] = factory(_path_key(key, paths[j]), leaves[j][1])
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
@@ -191,8 +207,9 @@ def factory(method: str, **kwargs: Any) -> Callable:
 def merge_and_reinit(params: PyTree, key: jax.Array) -> PyTree:
     """ReLoRA restart: merge every :class:`LoRA` adapter into its base
     (``base <- base + s a @ b``) and re-initialise ``a, b`` as at init (``'default'``: ``a``
-    Kaiming-uniform from ``fold_in(key, crc32(path))``, ``b = 0``; ``'pissa'``: the top-r SVD split
-    of the merged weight). The effective weights are unchanged for ``'default'`` and ``'pissa'``.
+    Kaiming-uniform from ``fold_in(key, crc32(path))``, ``b = 0``; ``'pissa'`` / ``'olora'``: the
+    top-r SVD / QR split of the merged weight; data-driven inits (``'lora_ga'``, ``'eva'``) restart
+    as ``'default'``). The effective weights are unchanged for ``'default'`` and ``'pissa'``.
     Other leaves are returned as they are. Needs the full tree (``combine`` the partition
     first); works under ``jit``. Reset the optimizer state of the adapters afterwards."""
 
@@ -202,8 +219,9 @@ def merge_and_reinit(params: PyTree, key: jax.Array) -> PyTree:
         merged = (x.base.astype(jnp.float32)
                   + x.scale * (x.a.astype(jnp.float32) @ x.b.astype(jnp.float32)))
         merged = merged.astype(x.base.dtype)
+        init = x.init if x.init in ("default", "pissa", "olora") else "default"
         base, a, b = lora_init(_path_key(key, path_str(path)), merged, x.a.shape[1], x.scale,
-                               x.init)
+                               init)
         return x.replace(base=base, a=a.astype(x.a.dtype), b=b.astype(x.b.dtype))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)

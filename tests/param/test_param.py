@@ -75,6 +75,11 @@ def numpy_reference(node):
         delta = sum(b_full[k, :big] @ np.diag(lam[:, k]) @ a @ np.diag(gam[k]) for k in range(num))
         delta_kernel = delta.T if m <= n else delta      # ours: (m, n)
         return f64(node.base) + node.scale * delta_kernel
+    if isinstance(node, P.SoRA):
+        return f64(node.base) + node.scale * (f64(node.a) * f64(node.gate)) @ f64(node.b)
+    if isinstance(node, P.DyLoRA):
+        r = int(node.active_rank)
+        return f64(node.base) + node.alpha / r * f64(node.a)[:, :r] @ f64(node.b)[:r]
     raise TypeError(type(node))
 
 
@@ -90,6 +95,8 @@ FACTORIES = {
     "nola": lambda: P.nola(3, num_basis_a=7, num_basis_b=5, alpha=6),
     "randlora": lambda: P.randlora(5),
     "vera": lambda: P.vera(6),
+    "sora": lambda: P.SoRAFactory(4, alpha=8),
+    "dylora": lambda: P.DyLoRAFactory(4, alpha=8),
 }
 
 
@@ -430,7 +437,7 @@ def test_factory_by_name():
         P.factory("lora", rank=4, density=0.1)
     with pytest.raises(ValueError, match=r"missing argument\(s\) rank"):
         P.factory("sltrain")
-    assert set(P.METHODS) == set(P.nodes.FACTORIES)
+    assert set(P.METHODS) == set(P.nodes.FACTORIES) | set(P.methods.FACTORIES_V2)
 
 
 def test_merge_and_reinit(w):
