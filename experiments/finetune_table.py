@@ -395,22 +395,35 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              f"loss {before_tgt:.4f}, source loss {before_src:.4f}); forgetting = change of the "
              f"source-domain eval loss; intruders summed over {len(paths)} matrices")
     common.write_table(workdir, "finetune_table", rows, title=title)
-    plt = common.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for row in rows:
-        ax.scatter(row["target loss"], row["forgetting"])
-        ax.annotate(row["method"], (row["target loss"], row["forgetting"]), fontsize=8)
-    ax.scatter([before_tgt], [0.0], marker="x", color="k")
-    ax.annotate("pre-trained", (before_tgt, 0.0), fontsize=8)
-    ax.set_xlabel(f"target ({c.data.target_genre}) eval loss")
-    ax.set_ylabel("forgetting (source eval loss change)")
-    common.savefig(fig, workdir, "finetune_table")
+    plot(workdir, rows, before_tgt, c.data.target_genre)
     summary = {"experiment": "finetune_table", "rows": rows,
                "before": {"target_loss": before_tgt, "source_loss": before_src},
                "matrices": len(paths), "wall_seconds": time.perf_counter() - wall0,
                "load_average": os.getloadavg()}
     common.write_summary(workdir, summary)
     return {"rows": len(rows), "wall_seconds": summary["wall_seconds"]}
+
+
+def plot(workdir: str, rows: list[dict], before_target: float, genre: str) -> None:
+    """``finetune_table.png``: target loss vs forgetting; runs far off the main cluster (target
+    loss more than 0.5 above the pre-trained model's) are listed in the title, not drawn."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(8, 6))
+    off = [r for r in rows if r["target loss"] > before_target + 0.5]
+    for row in rows:
+        if row in off:
+            continue
+        ax.scatter(row["target loss"], row["forgetting"])
+        ax.annotate(row["method"], (row["target loss"], row["forgetting"]), fontsize=8)
+    ax.scatter([before_target], [0.0], marker="x", color="k")
+    ax.annotate("pre-trained", (before_target, 0.0), fontsize=8)
+    ax.set_xlabel(f"target ({genre}) eval loss")
+    ax.set_ylabel("forgetting (source eval loss change)")
+    if off:
+        ax.set_title("off-scale: " + ", ".join(
+            f"{r['method']} ({r['target loss']:.2f}, {r['forgetting']:+.2f})" for r in off),
+            fontsize=9)
+    common.savefig(fig, workdir, "finetune_table")
 
 
 def _smoke(c: ml_collections.ConfigDict) -> None:
