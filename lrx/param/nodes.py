@@ -62,6 +62,10 @@ Methods (paper; official code checked; equations in our layout):
   regenerated from ``projection_prng_key``; ``lambda_d = d_initial = 0.1``, ``lambda_b = 0``; no
   scaling factor.
 
+Factories are frozen, typed dataclasses (``LoRAFactory(rank=8, alpha=16)``; lower-case aliases
+``lora``, ``dora``, ...) that validate their hyperparameters at construction and build a node
+with ``factory(key, w)``.
+
 Random bases are regenerated with ``jax.random`` from integer seeds stored as static metadata; the
 values depend on JAX's PRNG implementation (threefry, ``jax_threefry_partitionable``), so record
 the JAX version with checkpoints of these methods.
@@ -164,7 +168,8 @@ class LowRank(Factored):
 @register_node
 class LoRA(Factored):
     """``W = base + scale * a @ b``; ``base: (m, n)`` frozen, ``a: (m, r)``, ``b: (r, n)``
-    trainable. ``init`` ('default' or 'pissa') records how the adapter was initialised (used by
+    trainable. ``init`` ('default', 'pissa', 'olora', or the data-driven 'lora_ga' / 'eva' of
+    :mod:`lrx.param.methods`) records how the adapter was initialised (used by
     :func:`lrx.param.merge_and_reinit`)."""
 
     shape: tuple[int, int] = static()
