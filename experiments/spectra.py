@@ -50,6 +50,7 @@ from experiments.finetuning import matrix_paths as _matrix_paths
 from experiments.finetuning import per_shape as _per_shape
 from experiments.finetuning import schedule as _schedule
 from experiments.finetuning import train as _train
+from experiments.finetuning import update_spectra
 
 METHODS = ("adamw", "galore", "lora")
 FINETUNE_METHODS = ("full", "lora")
@@ -612,17 +613,11 @@ def _sort_key(path: str):
 
 def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
     import jax
-    import numpy as np
-
-    from lrx.analysis import max_cosine_similarity
 
     c, f = setup.c, setup.c.finetune
     paths = _matrix_paths(base, c.analysis.paths)
-    base_flat = _flat(base)
     before_pt = setup.eval_dense(base, setup.eval_pretrain)
     before_ft = setup.eval_dense(base, setup.eval_finetune)
-    similarity_fn = jax.jit(lambda b, t: max_cosine_similarity(b, t, k=f.intruder_k,
-                                                                side="right"))
     runs = ([("full", 0)] if "full" in f.methods else []) + (
         [("lora", r) for r in f.lora_ranks] if "lora" in f.methods else [])
     rows, curves = [], {}
@@ -648,17 +643,15 @@ def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
                         eval_every=f.eval_every, log_every=max(1, f.eval_every // 2))
         state = result["state"]
         tuned = jax.device_get(to_dense(state.params, state.frozen))
-        tuned_flat = _flat(tuned)
         row = {"method": name, "trainable params": n_train,
                "finetune-play loss": setup.eval_dense(tuned, setup.eval_finetune),
                "pretrain-dist loss": setup.eval_dense(tuned, setup.eval_pretrain)}
         row["pretrain-dist loss change"] = row["pretrain-dist loss"] - before_pt
-        # Output-space vectors: right singular vectors of the Flax (in, out) kernel, as the
-        # paper's left singular vectors of the PyTorch (out, in) weight.
-        similarity = _per_shape(similarity_fn, base_flat, paths, tuned_flat)
-        counts = {}
+        # Output-space vectors (experiments.finetuning.update_spectra): right singular vectors of
+        # the Flax (in, out) kernel, as the paper's left singular vectors of the torch weight.
+        counts = update_spectra(base, tuned, paths, k=f.intruder_k,
+                                thresholds=f.intruder_thresholds)["intruders"]
         for eps in f.intruder_thresholds:
-            counts[eps] = int(sum(int(np.sum(np.asarray(similarity[p]) < eps)) for p in paths))
             row[f"intruders eps={eps}"] = counts[eps]
         rows.append(row)
         curves[name] = counts
