@@ -15,7 +15,9 @@ and torch ``B: (out, r)`` our ``b = B^T``.
   ``utils/gradient_utils.py``): the first full fine-tuning update is approximated by
   ``Delta = -lr * sign(G)`` (Adam's first step; ``G`` the gradient summed over a few batches); its
   SVD ``Delta = U S V^T`` gives frozen ``u = U_r: (m, r)``, ``v = V_r^T: (r, n)`` and the trainable
-  ``r x r`` core ``R = diag(S_r)``: ``W = W0 + u R v``. Only ``r^2`` parameters train. The official
+  ``r x r`` core ``R = diag(S_r)``: ``W = W0 + u R v``. Only ``r^2`` parameters train; the
+  official ``train_arithmetic.py`` uses ``lr = lr_peak / (warmup_ratio * total_steps)`` for the
+  approximation and ``alpha = r`` (scale 1). The official
   ``initialization_utils.py`` is not in our stored snapshot; following the reference notes, the
   base is not corrected, so the step-0 weight is ``W0 + U_r S_r V_r^T`` (the best rank-r
   approximation of the approximated first update).
