@@ -10,7 +10,7 @@ import importlib
 import pkgutil
 import types
 
-_NOT_EXPERIMENTS = {"common"}
+_NOT_EXPERIMENTS = {"common", "finetuning"}
 
 
 def available() -> list[str]:

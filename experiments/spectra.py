@@ -45,6 +45,12 @@ import ml_collections
 
 from experiments import common
 from experiments.common import ConfigError
+from experiments.finetuning import flat as _flat
+from experiments.finetuning import matrix_paths as _matrix_paths
+from experiments.finetuning import per_shape as _per_shape
+from experiments.finetuning import schedule as _schedule
+from experiments.finetuning import train as _train
+from experiments.finetuning import update_spectra
 
 METHODS = ("adamw", "galore", "lora")
 FINETUNE_METHODS = ("full", "lora")
@@ -311,18 +317,6 @@ class _Setup:
         return lambda step: text.sample_batch(tokens, seed, step, batch_size, seq_len)
 
 
-def _matrix_paths(params, pattern: str) -> list[str]:
-    import re
-
-    import jax
-
-    from lrx.analysis.spectra import path_str
-
-    regex = re.compile(pattern)
-    return [path_str(p) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
-            if getattr(x, "ndim", 0) == 2 and regex.fullmatch(path_str(p))]
-
-
 def _projectors(opt_state) -> dict[str, Any]:
     """``{path: (B, d, r) basis}`` of the projectors in an lrx.optim low-rank state (GaLore, Fira,
     FRUGAL keep them in ``state.projector``, one ``Projector(left, right)`` per projected leaf)."""
@@ -383,47 +377,6 @@ def _analysis_hook(setup: _Setup, to_dense, a: ml_collections.ConfigDict,
         return state, {k: v for k, v in out.items() if np.isfinite(v)}
 
     return hook
-
-
-def _flat(tree) -> dict[str, Any]:
-    import jax
-
-    from lrx.analysis.spectra import path_str
-
-    return {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _schedule(peak: float, warmup: int, steps: int, min_ratio: float):
-    import optax
-
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=peak, warmup_steps=min(warmup, max(steps - 1, 0)),
-        decay_steps=steps, end_value=peak * min_ratio)
-
-
-def _train(setup: _Setup, workdir: str, *, params, frozen, optimizer, loss_fn, tokens,
-           batch_size: int, steps: int, schedule, eval_fn, eval_batches, eval_every: int,
-           log_every: int, hooks=()) -> dict:
-    import jax
-    import jax.numpy as jnp
-
-    from lrx.train import loop
-
-    # The loop donates the state's buffers: train on copies so the inputs stay usable.
-    params, frozen = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), (params, frozen))
-    state = loop.create_state(params, optimizer, seed=setup.c.seed, frozen=frozen)
-    result = loop.train(workdir=workdir, state=state, loss_fn=loss_fn, optimizer=optimizer,
-                        batch_fn=setup.batch_fn(tokens, batch_size), total_steps=steps,
-                        mesh=setup.mesh, eval_fn=eval_fn if eval_every else None,
-                        eval_batches=eval_batches if eval_every else (),
-                        eval_every=eval_every, log_every=log_every, checkpoint_every=0,
-                        keep_checkpoints=1, learning_rate=schedule,
-                        tokens_per_step=batch_size * setup.seq_len, hooks=hooks,
-                        progress=False, tensorboard=False)
-    if result["stopped_by"] != "end":  # SIGTERM/SIGINT: checkpointed, stop the whole study
-        raise SystemExit(f"spectra: {workdir} stopped by {result['stopped_by']}; rerun the same "
-                         "command to resume")
-    return result
 
 
 def _method_pieces(setup: _Setup, method: str, params, *, learning_rate: float, steps: int,
@@ -658,34 +611,13 @@ def _sort_key(path: str):
     return (layer, path)
 
 
-def _per_shape(fn, flat: dict[str, Any], paths: list[str], *extra: dict[str, Any]):
-    """``{path: fn(stack)[i]}``: applies a batched function once per matrix shape (one compiled
-    program per shape instead of one per matrix); ``extra`` dicts are stacked alongside."""
-    import jax.numpy as jnp
-
-    shapes = {p: tuple(flat[p].shape) for p in paths}
-    out = {}
-    for shape in dict.fromkeys(shapes.values()):
-        group = [p for p in paths if shapes[p] == shape]
-        args = [jnp.stack([jnp.asarray(d[p]) for p in group]) for d in (flat, *extra)]
-        result = fn(*args)
-        out.update({p: result[i] for i, p in enumerate(group)})
-    return out
-
-
 def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
     import jax
-    import numpy as np
-
-    from lrx.analysis import max_cosine_similarity
 
     c, f = setup.c, setup.c.finetune
     paths = _matrix_paths(base, c.analysis.paths)
-    base_flat = _flat(base)
     before_pt = setup.eval_dense(base, setup.eval_pretrain)
     before_ft = setup.eval_dense(base, setup.eval_finetune)
-    similarity_fn = jax.jit(lambda b, t: max_cosine_similarity(b, t, k=f.intruder_k,
-                                                                side="right"))
     runs = ([("full", 0)] if "full" in f.methods else []) + (
         [("lora", r) for r in f.lora_ranks] if "lora" in f.methods else [])
     rows, curves = [], {}
@@ -711,17 +643,15 @@ def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
                         eval_every=f.eval_every, log_every=max(1, f.eval_every // 2))
         state = result["state"]
         tuned = jax.device_get(to_dense(state.params, state.frozen))
-        tuned_flat = _flat(tuned)
         row = {"method": name, "trainable params": n_train,
                "finetune-play loss": setup.eval_dense(tuned, setup.eval_finetune),
                "pretrain-dist loss": setup.eval_dense(tuned, setup.eval_pretrain)}
         row["pretrain-dist loss change"] = row["pretrain-dist loss"] - before_pt
-        # Output-space vectors: right singular vectors of the Flax (in, out) kernel, as the
-        # paper's left singular vectors of the PyTorch (out, in) weight.
-        similarity = _per_shape(similarity_fn, base_flat, paths, tuned_flat)
-        counts = {}
+        # Output-space vectors (experiments.finetuning.update_spectra): right singular vectors of
+        # the Flax (in, out) kernel, as the paper's left singular vectors of the torch weight.
+        counts = update_spectra(base, tuned, paths, k=f.intruder_k,
+                                thresholds=f.intruder_thresholds)["intruders"]
         for eps in f.intruder_thresholds:
-            counts[eps] = int(sum(int(np.sum(np.asarray(similarity[p]) < eps)) for p in paths))
             row[f"intruders eps={eps}"] = counts[eps]
         rows.append(row)
         curves[name] = counts

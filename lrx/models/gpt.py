@@ -31,16 +31,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrx.param import dot
+from lrx.param import dot, read_kernel
 
 
 def _weight(module: nn.Module, name: str, init: Any, shape: tuple[int, ...]) -> Any:
-    """``module.param(name, ...)``, except that an existing value is returned as stored: a factored
-    lrx.param node (e.g. ``LowRank(u, v)``) has leaves whose shapes differ from the dense
-    ``shape``, which Flax's shape check of ``self.param`` would reject."""
-    if module.has_variable("params", name):
-        return module.get_variable("params", name)
-    return module.param(name, init, shape, jnp.float32)
+    """The kernel ``name``: dense (``module.param``) or a stored factored lrx.param node, whose
+    dense shape is checked (:func:`lrx.param.read_kernel`)."""
+    return read_kernel(module, name, init, shape, jnp.float32)
 
 
 def _identity_init(key: jax.Array, shape: tuple[int, ...], dtype: Any = jnp.float32) -> jax.Array:

@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lrx.param import dot
+from lrx.param import dot, read_kernel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +121,8 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        kernel = self.param("kernel", nn.initializers.normal(self.init_std),
-                            (x.shape[-1], self.features), self.param_dtype)
+        kernel = read_kernel(self, "kernel", nn.initializers.normal(self.init_std),
+                             (x.shape[-1], self.features), self.param_dtype)
         return dot(x.astype(self.dtype), kernel)
 
 

@@ -14,7 +14,11 @@ see real arrays): ``log_Lambda_real`` and ``Lambda_imag`` (``Re Lambda = -exp(lo
 keeps the SSM stable, as the official ``real_transform='exp'``), ``P`` (DPLR only; tied ``Q = P``),
 ``B``, ``C`` (the trained C-tilde for DPLR; the plain C for S4D), ``D``, ``log_step`` (uniform in
 ``[log dt_min, log dt_max]``, one per channel). Lambda, P, B are initialised identically for all H
-channels (HiPPO-LegS DPLR or an S4D init); C ~ complex normal (E|C|^2 = 1).
+channels (HiPPO-LegS DPLR or an S4D init). Initialisation follows the official state-spaces/s4
+code: C ~ CN(0, 1) (``torch.randn(..., dtype=torch.cfloat)``, E|C|^2 = 1); for DPLR the stored
+C-tilde is ``C (I - Abar^L)`` with ``L = l_max`` (or the length of the init input), which
+``SSMKernelDPLR._setup_C`` computes at its first forward; ``D ~ N(0, 1)``
+(``nn.Parameter(torch.randn(channels, H))`` in the official block).
 
 Optimiser: :func:`ssm_labels` labels Lambda, P, B and log_step ``'ssm'`` (everything else
 ``'default'``); :func:`s4_optimizer` gives them Adam with learning rate 1e-3 and no weight decay
@@ -131,7 +135,8 @@ class S4Layer(nn.Module):
         if self.decode and (self.l_max is None or self.l_max <= 0):
             raise ValueError("decode=True needs l_max (> 0): the length C-tilde was trained for")
 
-    def _ssm_params(self, H: int) -> dict[str, jax.Array]:
+    def _ssm_params(self, H: int, L: int) -> dict[str, jax.Array]:
+        """The SSM parameters; ``L`` is the length C-tilde is formed for at init."""
         N, n = self.d_state, self.d_state // 2
         if self.mode == "dplr":
             Lambda, P, B, _ = ssm.legs_dplr(N)
@@ -151,14 +156,28 @@ class S4Layer(nn.Module):
         }
         if P is not None:
             out["P"] = self.param("P", const(tile(_pair(P))), (H, n, 2))
-        c_init = nn.initializers.normal(stddev=0.5 ** 0.5)
-        out["C"] = self.param("C", c_init, (H, n, 2))
-        if self.bidirectional:
-            out["C_reverse"] = self.param("C_reverse", c_init, (H, n, 2))
         lo, hi = np.log(self.dt_min), np.log(self.dt_max)
         out["log_step"] = self.param(
             "log_step", lambda key, shape: jax.random.uniform(key, shape, minval=lo, maxval=hi),
             (H,))
+
+        def c_init(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+            # C ~ CN(0, 1) (official: torch.randn(..., dtype=torch.cfloat)); for DPLR the stored
+            # parameter is C-tilde = C (I - Abar^L), formed once from the initial Lambda, P, B and
+            # step, as the official SSMKernelDPLR._setup_C does at its first forward.
+            c = jax.random.normal(key, shape) * 0.5 ** 0.5
+            if self.mode != "dplr":
+                return c
+            Lambda = jax.lax.complex(-jnp.exp(out["log_Lambda_real"]), out["Lambda_imag"])
+            full = [ssm.expand_conj(x) for x in (Lambda, _complex(out["P"]), _complex(out["B"]),
+                                                 _complex(c))]
+            ct = ssm.ctilde(full[0], full[1], full[1], full[2], full[3],
+                            jnp.exp(out["log_step"]), L)[..., :n]
+            return jnp.stack([jnp.real(ct), jnp.imag(ct)], -1).astype(jnp.float32)
+
+        out["C"] = self.param("C", c_init, (H, n, 2))
+        if self.bidirectional:
+            out["C_reverse"] = self.param("C_reverse", c_init, (H, n, 2))
         return out
 
     def _kernel(self, p: dict[str, jax.Array], C: jax.Array, L: int) -> jax.Array:
@@ -187,8 +206,8 @@ class S4Layer(nn.Module):
         """``u (batch, L, H)`` -> ``(batch, L, H)`` (``L = 1`` in decode mode)."""
         self._check()
         batch, L, H = u.shape
-        p = self._ssm_params(H)
-        D = self.param("D", nn.initializers.ones, (H,))
+        p = self._ssm_params(H, self.l_max or L)
+        D = self.param("D", nn.initializers.normal(1.0), (H,))   # official: torch.randn
         if self.decode:
             if L != 1:
                 raise ValueError(f"decode=True takes one step at a time: got L={L}")

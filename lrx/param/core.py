@@ -2,19 +2,20 @@
 
 A factored weight stands in for a dense kernel ``W`` of shape ``(m, n)`` in Flax's ``(in, out)``
 layout (``y = x @ W``). Each concrete node is a frozen dataclass registered as a JAX pytree whose
-fields have one of four *kinds*:
+fields have one of three *kinds*:
 
 - ``trainable``: array leaves that receive gradients and optimizer state;
 - ``frozen``: array leaves that never train (a frozen base weight, sparse support indices);
 - ``static``: hashable Python metadata kept in the treedef (scale, rank, seeds of random bases,
-  the dense shape), so regenerated random bases are compile-time constants under ``jit``;
-- ``witness``: an optional zero-byte ``float0`` array of shape ``(m, n)``, placed first among the
-  leaves of nodes that have no dense ``(m, n)`` leaf (``LowRank``, ``SparsePlusLowRank``). Flax
-  linen's ``self.param`` compares the shape of the *first* leaf of a stored parameter with the
-  shape its initializer would produce; the witness lets those nodes pass that check. It carries
-  no data, is dropped by :func:`lrx.param.partition` and recreated by :func:`lrx.param.combine`.
-  (Consequence: take gradients with respect to ``partition(params)[0]``, not the combined tree,
-  whose witness leaves are not differentiable.)
+  the dense shape, the seed of a sparse support), so regenerated random bases and supports are
+  compile-time constants under ``jit``.
+
+Every array leaf of a node is floating point, so ``jax.grad`` of a loss with respect to a whole
+tree of nodes works (frozen fields then get gradients too, which are simply not used);
+:func:`lrx.param.partition` is the way to leave frozen fields out of the gradient computation and
+of the optimizer state. Models read a stored node with :func:`read_kernel` (the ``has_variable`` /
+``get_variable`` pattern plus a check of the node's dense ``shape``) instead of linen's
+``self.param``, whose shape check looks at the first leaf of the stored value only.
 """
 
 from __future__ import annotations
@@ -24,9 +25,8 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-TRAINABLE, FROZEN, STATIC, WITNESS = "trainable", "frozen", "static", "witness"
+TRAINABLE, FROZEN, STATIC = "trainable", "frozen", "static"
 
 
 def trainable() -> Any:
@@ -42,16 +42,6 @@ def frozen() -> Any:
 def static(default: Any = dataclasses.MISSING) -> Any:
     """Dataclass field marker: hashable metadata stored in the treedef."""
     return dataclasses.field(default=default, metadata={"kind": STATIC})
-
-
-def witness() -> Any:
-    """Dataclass field marker: the zero-byte ``float0`` shape witness (see module docstring)."""
-    return dataclasses.field(default=None, metadata={"kind": WITNESS})
-
-
-def make_witness(shape: tuple[int, ...]) -> np.ndarray:
-    """A ``float0`` NumPy array of ``shape``: zero bytes, ``np.shape(...) == shape``."""
-    return np.zeros(tuple(shape), dtype=jax.dtypes.float0)
 
 
 class Factored:
@@ -97,13 +87,12 @@ class Factored:
 def register_node(cls: type) -> type:
     """Class decorator: frozen dataclass + pytree registration from the field kinds.
 
-    Leaves are ordered witness first, then the fields in declaration order.
+    Leaves are the trainable and frozen fields in declaration order.
     """
     cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
     kinds = {f.name: f.metadata.get("kind", STATIC) for f in dataclasses.fields(cls)}
     cls.kinds = kinds
-    data = [n for n, k in kinds.items() if k == WITNESS]
-    data += [n for n, k in kinds.items() if k in (TRAINABLE, FROZEN)]
+    data = [n for n, k in kinds.items() if k in (TRAINABLE, FROZEN)]
     meta = [n for n, k in kinds.items() if k == STATIC]
     jax.tree_util.register_dataclass(cls, data_fields=data, meta_fields=meta)
     return cls
@@ -128,3 +117,33 @@ def dot(x: jax.Array, w: Any) -> jax.Array:
     if isinstance(w, Factored):
         return w.dot(x)
     return jnp.matmul(x, jnp.asarray(w, x.dtype))
+
+
+def read_kernel(module: Any, name: str, init: Any, shape: tuple[int, int], dtype: Any) -> Any:
+    """The kernel ``name`` of a flax linen ``module``: a stored factored node as it is, else
+    ``module.param(name, init, shape, dtype)`` (dense: created at init, shape-checked at apply).
+
+    Linen's ``self.param`` checks only the first leaf of a stored value against the initializer's
+    shape, which a factored node (e.g. ``LowRank``'s ``u: (m, r)``) fails; a node is instead
+    checked here through its dense ``shape``.
+
+    Args:
+      module: the calling ``nn.Module`` (inside ``@nn.compact`` or ``setup``).
+      name: variable name in the ``'params'`` collection.
+      init: initializer ``(key, shape, dtype) -> (m, n)`` used when the variable does not exist.
+      shape: the dense ``(m, n)`` (in, out) shape the module expects.
+      dtype: parameter dtype of a freshly created dense kernel.
+    Returns:
+      a dense ``(m, n)`` array or a :class:`Factored` node with ``node.shape == shape``.
+    Raises:
+      ValueError: a stored node whose dense shape differs from ``shape``.
+    """
+    if module.has_variable("params", name):
+        stored = module.get_variable("params", name)
+        if isinstance(stored, Factored):
+            if tuple(stored.shape) != tuple(shape):
+                raise ValueError(f"{module.name}/{name}: stored {type(stored).__name__} has dense "
+                                 f"shape {tuple(stored.shape)}, the module expects "
+                                 f"{tuple(shape)}")
+            return stored
+    return module.param(name, init, shape, dtype)

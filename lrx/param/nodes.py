@@ -49,7 +49,9 @@ Methods (paper; official code checked; equations in our layout):
   layout; the official code optionally shares it too), ``B_n: (big, r)``, both unit-variance
   uniform (peft: Kaiming-uniform divided by the empirical std; we use the exact std) and shared by
   all layers (sized for the largest and sliced, regenerated from ``projection_prng_key``);
-  ``lambda: (r, N)`` starts at 0, ``gamma: (N, small)`` at ``1 / big``. Scaling: peft
+  ``lambda: (r, N)`` starts at 0, ``gamma: (N, small)`` at
+  ``1 / max(N, small) = 1 / small`` (peft 0.21 ``RandLoraLayer.reset_randlora_parameters``:
+  ``1 / max(gamma.shape)``; ``N <= small`` always). Scaling: peft
   ``s = alpha / r`` (used here; default ``alpha = 20 r`` as peft's docs recommend) vs. the official
   code's ``alpha / r / sqrt(N)``. peft pairs B's columns with A's rows in a different (still
   random) order; we follow the paper's per-basis formula.
@@ -60,6 +62,10 @@ Methods (paper; official code checked; equations in our layout):
   regenerated from ``projection_prng_key``; ``lambda_d = d_initial = 0.1``, ``lambda_b = 0``; no
   scaling factor.
 
+Factories are frozen, typed dataclasses (``LoRAFactory(rank=8, alpha=16)``; lower-case aliases
+``lora``, ``dora``, ...) that validate their hyperparameters at construction and build a node
+with ``factory(key, w)``.
+
 Random bases are regenerated with ``jax.random`` from integer seeds stored as static metadata; the
 values depend on JAX's PRNG implementation (threefry, ``jax_threefry_partitionable``), so record
 the JAX version with checkpoints of these methods.
@@ -67,15 +73,17 @@ the JAX version with checkpoints of these methods.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrx.param.core import Factored, frozen, make_witness, register_node, static, trainable, witness
+from lrx.param.core import Factored, frozen, register_node, static, trainable
 
 Array = jax.Array
 
@@ -149,7 +157,6 @@ class LowRank(Factored):
     shape: tuple[int, int] = static()
     u: Array = trainable()
     v: Array = trainable()
-    _witness: Any = witness()
 
     def materialize(self) -> Array:
         return self.u @ self.v
@@ -161,7 +168,8 @@ class LowRank(Factored):
 @register_node
 class LoRA(Factored):
     """``W = base + scale * a @ b``; ``base: (m, n)`` frozen, ``a: (m, r)``, ``b: (r, n)``
-    trainable. ``init`` ('default' or 'pissa') records how the adapter was initialised (used by
+    trainable. ``init`` ('default', 'pissa', 'olora', or the data-driven 'lora_ga' / 'eva' of
+    :mod:`lrx.param.methods`) records how the adapter was initialised (used by
     :func:`lrx.param.merge_and_reinit`)."""
 
     shape: tuple[int, int] = static()
@@ -215,22 +223,42 @@ class DoRA(Factored):
 @register_node
 class SparsePlusLowRank(Factored):
     """SLTrain: ``W = scale * a @ b + S``; ``a: (m, r)``, ``b: (r, n)``, ``values: (nnz,)``
-    trainable; ``indices: (nnz,)`` int32 flat (row-major) positions of ``S`` in ``(m, n)``,
-    frozen."""
+    trainable. The support of ``S`` (``nnz`` sorted flat row-major positions in ``(m, n)``) is
+    regenerated on the host from the static ``seed`` (:attr:`indices`), so it is a compile-time
+    constant under ``jit`` and no integer leaf sits in the tree."""
 
     shape: tuple[int, int] = static()
     a: Array = trainable()
     b: Array = trainable()
     values: Array = trainable()
-    indices: Array = frozen()
+    seed: int = static(0)
+    nnz: int = static(1)
     scale: float = static(1.0)
-    _witness: Any = witness()
+
+    @property
+    def indices(self) -> np.ndarray:
+        """``(nnz,)`` int32 sorted flat positions of the support (NumPy, from ``seed``)."""
+        return sparse_support(self.seed, self.shape, self.nnz)
 
     def materialize(self) -> Array:
         return _sltrain_dense(self.a, self.b, self.values, self.indices, self.scale, self.shape)
 
     def dot(self, x: Array) -> Array:
         return _sltrain_dot(x, self.a, self.b, self.values, self.indices, self.scale, self.shape)
+
+    def generated_size(self) -> int:
+        return self.nnz
+
+
+@functools.lru_cache(maxsize=256)
+def sparse_support(seed: int, shape: tuple[int, int], nnz: int) -> np.ndarray:
+    """``nnz`` distinct flat positions of an ``(m, n)`` matrix drawn uniformly without replacement
+    by NumPy's PCG64 generator seeded with ``seed``, sorted, int32 (read-only, cached)."""
+    m, n = shape
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(m * n, size=nnz, replace=False)).astype(np.int32)
+    idx.setflags(write=False)
+    return idx
 
 
 def _sltrain_dense(a, b, values, indices, scale, shape):
@@ -310,11 +338,15 @@ class VeRA(Factored):
     max_shape: tuple[int, int] = static((0, 0))
 
     def shared_bases(self) -> tuple[Array, Array]:
-        """The full shared ``(A: (r, max_in), B: (max_out, r))`` in float32."""
+        """The full shared ``(A: (r, max_in), B: (max_out, r))`` in float32.
+
+        peft ``tuners/vera/model.py`` ``_kaiming_init``: gain ``sqrt(2)`` Kaiming-uniform,
+        ``U(+-sqrt(6 / fan_in))`` with torch's ``fan_in`` = the second dimension (``max_in`` for
+        ``A``, ``r`` for ``B``), not the ``a = sqrt(5)`` variant of ``nn.Linear``."""
         max_in, max_out = self.max_shape
         ka, kb = jax.random.split(jax.random.key(self.seed))
-        return (_kaiming(ka, (self.rank, max_in), max_in, jnp.float32),
-                _kaiming(kb, (max_out, self.rank), self.rank, jnp.float32))
+        return (_uniform(ka, (self.rank, max_in), math.sqrt(6.0 / max_in), jnp.float32),
+                _uniform(kb, (max_out, self.rank), math.sqrt(6.0 / self.rank), jnp.float32))
 
     def factors(self) -> tuple[Array, Array]:
         """This layer's slices in our layout: ``(A[:, :m].T: (m, r), B[:n].T: (r, n))``."""
@@ -410,22 +442,24 @@ NODE_TYPES = (LowRank, LoRA, DoRA, SparsePlusLowRank, NOLA, RandLoRA, VeRA)
 
 
 # --------------------------------------------------------------------------------------------
-# factories: (key, dense_w) -> node
+# factories: frozen typed dataclasses holding a method's hyperparameters; (key, w) -> node
 
 
+def _positive_or_none(value: Any, name: str, method: str) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{method}: {name} must be a positive number, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Factory:
-    """A parameterization factory: ``factory(key, w: (m, n)) -> node``. ``bind_shapes(shapes)``
-    returns the factory to use for a group of matrices that share random bases (VeRA,
-    RandLoRA); other methods ignore it."""
+    """Base of the parameterization factories: a frozen dataclass of one method's hyperparameters
+    (validated at construction) whose call ``factory(key, w: (m, n)) -> node`` builds the factored
+    weight of a dense matrix. ``bind_shapes(shapes)`` returns the factory to use for a group of
+    matrices that share random bases (VeRA, RandLoRA); other methods return ``self``."""
 
-    method = ""
-
-    def __init__(self, **kwargs: Any) -> None:
-        self.kwargs = kwargs
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-        return f"lrx.param.{self.method}({args})"
+    method: ClassVar[str] = ""
 
     def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> Factory:  # noqa: ARG002
         return self
@@ -433,258 +467,319 @@ class Factory:
     def __call__(self, key: Array, w: Array) -> Factored:  # pragma: no cover - abstract
         raise NotImplementedError
 
-
-def _resolve_alpha(alpha: float | None, rank: int, method: str) -> float:
-    if alpha is None:
-        return float(rank)
-    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or alpha <= 0:
-        raise ValueError(f"{method}: alpha must be a positive number, got {alpha!r}")
-    return float(alpha)
+    @classmethod
+    def hyperparameters(cls) -> tuple[dataclasses.Field, ...]:
+        """The user-facing fields (those ``lrx.param.factory`` accepts)."""
+        return tuple(f for f in dataclasses.fields(cls) if not f.metadata.get("internal"))
 
 
-class _LowRankFactory(Factory):
-    method = "lowrank"
-
-    def __call__(self, key: Array, w: Array) -> LowRank:
-        shape = _check_matrix(w, self.method)
-        rank = self.kwargs["rank"]
-        _check_rank_fits(rank, shape, self.method)
-        w = jnp.asarray(w)
-        if self.kwargs["init"] == "spectral":
-            u, v = _top_r_split(w, rank, 1.0)
-        else:
-            u = _kaiming(key, (shape[0], rank), shape[0], jnp.float32)
-            v = jnp.zeros((rank, shape[1]), jnp.float32)
-        return LowRank(shape=shape, u=u.astype(w.dtype), v=v.astype(w.dtype),
-                       _witness=make_witness(shape))
+def _internal(default: Any) -> Any:
+    """A field set by :meth:`Factory.bind_shapes`, not by users."""
+    return dataclasses.field(default=default, repr=False, metadata={"internal": True})
 
 
-def lowrank(rank: int, init: str = "spectral") -> Factory:
+def _alpha_or_rank(alpha: float | None, rank: int) -> float:
+    return float(rank) if alpha is None else float(alpha)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankFactory(Factory):
     """Factorised weight ``W = u @ v`` of rank ``rank`` (trained from scratch).
 
-    Args:
+    Attributes:
       rank: ``1 <= rank <= min(m, n)``.
       init: ``'spectral'`` (top-``rank`` SVD of the given dense init, split ``sqrt(S)`` to both
         factors) or ``'kaiming'`` (``u`` Kaiming-uniform, ``v = 0``).
     """
-    _check_rank(rank, "lowrank")
-    _check_choice(init, ("spectral", "kaiming"), "init", "lowrank")
-    return _LowRankFactory(rank=int(rank), init=init)
 
+    rank: int
+    init: str = "spectral"
+    method: ClassVar[str] = "lowrank"
 
-class _LoRAFactory(Factory):
-    method = "lora"
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        _check_choice(self.init, ("spectral", "kaiming"), "init", self.method)
 
-    def __call__(self, key: Array, w: Array) -> LoRA:
+    def __call__(self, key: Array, w: Array) -> LowRank:
         shape = _check_matrix(w, self.method)
-        rank, init = self.kwargs["rank"], self.kwargs["init"]
-        _check_rank_fits(rank, shape, self.method)
-        scale = self.scale
+        _check_rank_fits(self.rank, shape, self.method)
         w = jnp.asarray(w)
-        base, a, b = lora_init(key, w, rank, scale, init)
-        return LoRA(shape=shape, base=base, a=a, b=b, scale=scale, init=init)
-
-    @property
-    def scale(self) -> float:
-        rank, alpha = self.kwargs["rank"], self.kwargs["alpha"]
-        return alpha / math.sqrt(rank) if self.kwargs["rslora"] else alpha / rank
-
-
-def lora_init(key: Array, w: Array, rank: int, scale: float, init: str
-              ) -> tuple[Array, Array, Array]:
-    """``(base, a, b)`` for a LoRA adapter of ``w: (m, n)``: ``'default'`` keeps ``base = w``
-    with ``a`` Kaiming-uniform and ``b = 0``; ``'pissa'`` moves the top-``rank`` SVD part into
-    ``a, b``."""
-    m, n = w.shape
-    if init == "pissa":
-        a, b = _top_r_split(w, rank, scale)
-        base = _f32(w) - scale * (a @ b)
-        return base.astype(w.dtype), a.astype(w.dtype), b.astype(w.dtype)
-    return w, _kaiming(key, (m, rank), m, w.dtype), jnp.zeros((rank, n), w.dtype)
+        if self.init == "spectral":
+            u, v = _top_r_split(w, self.rank, 1.0)
+        else:
+            u = _kaiming(key, (shape[0], self.rank), shape[0], jnp.float32)
+            v = jnp.zeros((self.rank, shape[1]), jnp.float32)
+        return LowRank(shape=shape, u=u.astype(w.dtype), v=v.astype(w.dtype))
 
 
-def lora(rank: int, alpha: float | None = None, rslora: bool = False,
-         init: str = "default") -> Factory:
+LORA_INITS = ("default", "pissa", "olora")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAFactory(Factory):
     """LoRA adapter on the frozen dense weight: ``W = W0 + s a @ b``.
 
-    Args:
+    Attributes:
       rank: ``1 <= rank <= min(m, n)``.
       alpha: scaling numerator; ``None`` means ``alpha = rank`` (``s = 1``, as peft's defaults
         ``r = lora_alpha = 8``).
       rslora: ``s = alpha / sqrt(rank)`` instead of ``alpha / rank``.
-      init: ``'default'`` (``a`` Kaiming-uniform, ``b = 0``) or ``'pissa'``.
+      init: ``'default'`` (``a`` Kaiming-uniform, ``b = 0``), ``'pissa'`` or ``'olora'`` (see
+        :func:`lora_init`).
     """
-    rank = _check_rank(rank, "lora")
-    _check_choice(init, ("default", "pissa"), "init", "lora")
-    return _LoRAFactory(rank=rank, alpha=_resolve_alpha(alpha, rank, "lora"),
-                        rslora=bool(rslora), init=init)
+
+    rank: int
+    alpha: float | None = None
+    rslora: bool = False
+    init: str = "default"
+    method: ClassVar[str] = "lora"
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        _positive_or_none(self.alpha, "alpha", self.method)
+        _check_choice(self.init, LORA_INITS, "init", self.method)
+
+    @property
+    def scale(self) -> float:
+        alpha = _alpha_or_rank(self.alpha, self.rank)
+        return alpha / math.sqrt(self.rank) if self.rslora else alpha / self.rank
+
+    def __call__(self, key: Array, w: Array) -> LoRA:
+        shape = _check_matrix(w, self.method)
+        _check_rank_fits(self.rank, shape, self.method)
+        base, a, b = lora_init(key, jnp.asarray(w), self.rank, self.scale, self.init)
+        return LoRA(shape=shape, base=base, a=a, b=b, scale=self.scale, init=self.init)
 
 
-class _DoRAFactory(Factory):
-    method = "dora"
+def lora_init(key: Array, w: Array, rank: int, scale: float, init: str
+              ) -> tuple[Array, Array, Array]:
+    """``(base: (m, n), a: (m, r), b: (r, n))`` for a LoRA adapter of ``w: (m, n)``.
+
+    - ``'default'``: ``base = w``, ``a`` Kaiming-uniform, ``b = 0`` (peft
+      ``reset_lora_parameters``).
+    - ``'pissa'``: the top-``rank`` SVD part moves into ``a, b`` (peft ``pissa_init``).
+    - ``'olora'``: "OLoRA: Orthonormal Low-Rank Adaptation of Large Language Models" (Büyükakyüz,
+      arXiv 2406.01775; peft ``LoraLayer.olora_init``): QR of the torch-layout weight
+      ``W^T = Q R``; torch ``B = Q[:, :r]``, ``A = R[:r]`` (no division by ``s``), i.e. ours
+      ``a = R[:r]^T``, ``b = Q[:, :r]^T``, and ``base = w - s a b``.
+
+    In every case ``base + s a b = w`` at init (up to float32 rounding).
+    """
+    m, n = w.shape
+    if init == "pissa":
+        a, b = _top_r_split(w, rank, scale)
+    elif init == "olora":
+        q, r = jnp.linalg.qr(_f32(w).T)          # (n, k), (k, m)
+        a, b = r[:rank].T, q[:, :rank].T
+    else:
+        return w, _kaiming(key, (m, rank), m, w.dtype), jnp.zeros((rank, n), w.dtype)
+    base = _f32(w) - scale * (a @ b)
+    return base.astype(w.dtype), a.astype(w.dtype), b.astype(w.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class DoRAFactory(Factory):
+    """DoRA: ``W = m * V / ||V||_c``, ``V = W0 + (alpha / rank) a @ b``.
+
+    Attributes:
+      rank: ``1 <= rank <= min(m, n)``.
+      alpha: ``None`` means ``alpha = rank``.
+    """
+
+    rank: int
+    alpha: float | None = None
+    method: ClassVar[str] = "dora"
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        _positive_or_none(self.alpha, "alpha", self.method)
 
     def __call__(self, key: Array, w: Array) -> DoRA:
         shape = _check_matrix(w, self.method)
-        rank = self.kwargs["rank"]
-        _check_rank_fits(rank, shape, self.method)
+        _check_rank_fits(self.rank, shape, self.method)
         w = jnp.asarray(w)
-        scale = self.kwargs["alpha"] / rank
         magnitude = jnp.linalg.norm(_f32(w), axis=0).astype(w.dtype)
-        return DoRA(shape=shape, base=w, a=_kaiming(key, (shape[0], rank), shape[0], w.dtype),
-                    b=jnp.zeros((rank, shape[1]), w.dtype), magnitude=magnitude, scale=scale)
+        return DoRA(shape=shape, base=w,
+                    a=_kaiming(key, (shape[0], self.rank), shape[0], w.dtype),
+                    b=jnp.zeros((self.rank, shape[1]), w.dtype), magnitude=magnitude,
+                    scale=_alpha_or_rank(self.alpha, self.rank) / self.rank)
 
 
-def dora(rank: int, alpha: float | None = None) -> Factory:
-    """DoRA: ``W = m * V / ||V||_c``, ``V = W0 + (alpha / rank) a @ b``; ``alpha=None`` means
-    ``alpha = rank``."""
-    rank = _check_rank(rank, "dora")
-    return _DoRAFactory(rank=rank, alpha=_resolve_alpha(alpha, rank, "dora"))
-
-
-class _SLTrainFactory(Factory):
-    method = "sltrain"
-
-    def __call__(self, key: Array, w: Array) -> SparsePlusLowRank:
-        shape = _check_matrix(w, self.method)
-        m, n = shape
-        rank, density = self.kwargs["rank"], self.kwargs["density"]
-        _check_rank_fits(rank, shape, self.method)
-        nnz = int(density * m * n)
-        if nnz < 1:
-            raise ValueError(f"sltrain: density={density} gives no nonzero in the {shape} weight "
-                             f"(int(density * m * n) = 0); raise the density")
-        if m * n >= 2**31:
-            raise ValueError(f"sltrain: the {shape} weight has >= 2**31 entries; int32 indices "
-                             "cannot address it")
-        dtype = jnp.asarray(w).dtype
-        k_a, k_support, k_values = jax.random.split(key, 3)
-        indices = jnp.sort(jax.random.permutation(k_support, m * n)[:nnz]).astype(jnp.int32)
-        return SparsePlusLowRank(
-            shape=shape, a=_kaiming(k_a, (m, rank), m, dtype), b=jnp.zeros((rank, n), dtype),
-            values=_uniform(k_values, (nnz,), 1.0 / math.sqrt(m), dtype), indices=indices,
-            scale=self.kwargs["alpha"] / rank, _witness=make_witness(shape))
-
-
-def sltrain(rank: int, alpha: float | None = None, density: float = 0.03) -> Factory:
+@dataclasses.dataclass(frozen=True)
+class SLTrainFactory(Factory):
     """SLTrain sparse plus low-rank weight ``W = (alpha / rank) a @ b + S`` (from scratch).
 
-    Args:
+    Attributes:
       rank: ``1 <= rank <= min(m, n)``.
       alpha: ``None`` means ``alpha = rank``; the paper's LLaMA scripts use 32 (60M, r=128), 16
         (130M/350M, r=256), 8 (1B, r=512).
       density: fraction ``delta`` of nonzeros of ``S``, ``0 < density < 1`` (0.03 in the paper).
     """
-    rank = _check_rank(rank, "sltrain")
-    if isinstance(density, bool) or not isinstance(density, int | float) or not 0 < density < 1:
-        raise ValueError(f"sltrain: density must be in (0, 1), got {density!r}")
-    return _SLTrainFactory(rank=rank, alpha=_resolve_alpha(alpha, rank, "sltrain"),
-                           density=float(density))
+
+    rank: int
+    alpha: float | None = None
+    density: float = 0.03
+    method: ClassVar[str] = "sltrain"
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        _positive_or_none(self.alpha, "alpha", self.method)
+        d = self.density
+        if isinstance(d, bool) or not isinstance(d, int | float) or not 0 < d < 1:
+            raise ValueError(f"sltrain: density must be in (0, 1), got {d!r}")
+
+    def __call__(self, key: Array, w: Array) -> SparsePlusLowRank:
+        shape = _check_matrix(w, self.method)
+        m, n = shape
+        _check_rank_fits(self.rank, shape, self.method)
+        nnz = int(self.density * m * n)
+        if nnz < 1:
+            raise ValueError(f"sltrain: density={self.density} gives no nonzero in the {shape} "
+                             f"weight (int(density * m * n) = 0); raise the density")
+        if m * n >= 2**31:
+            raise ValueError(f"sltrain: the {shape} weight has >= 2**31 entries; int32 indices "
+                             "cannot address it")
+        dtype = jnp.asarray(w).dtype
+        k_a, k_support, k_values = jax.random.split(key, 3)
+        return SparsePlusLowRank(
+            shape=shape, a=_kaiming(k_a, (m, self.rank), m, dtype),
+            b=jnp.zeros((self.rank, n), dtype),
+            values=_uniform(k_values, (nnz,), 1.0 / math.sqrt(m), dtype),
+            seed=_seed_from_key(k_support), nnz=nnz,
+            scale=_alpha_or_rank(self.alpha, self.rank) / self.rank)
 
 
-class _NOLAFactory(Factory):
-    method = "nola"
+@dataclasses.dataclass(frozen=True)
+class NOLAFactory(Factory):
+    """NOLA: LoRA factors as linear combinations of ``num_basis_a`` / ``num_basis_b`` random
+    bases regenerated from a per-layer seed.
+
+    Attributes:
+      rank: ``1 <= rank <= min(m, n)``.
+      num_basis_a, num_basis_b: numbers ``k``, ``l`` of random bases of ``a`` and ``b``.
+      alpha: ``None`` means ``alpha = rank``.
+    """
+
+    rank: int
+    num_basis_a: int = 1024
+    num_basis_b: int = 1024
+    alpha: float | None = None
+    method: ClassVar[str] = "nola"
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        for name in ("num_basis_a", "num_basis_b"):
+            _check_rank(getattr(self, name), f"nola ({name})")
+        _positive_or_none(self.alpha, "alpha", self.method)
 
     def __call__(self, key: Array, w: Array) -> NOLA:
         shape = _check_matrix(w, self.method)
-        rank = self.kwargs["rank"]
-        _check_rank_fits(rank, shape, self.method)
+        _check_rank_fits(self.rank, shape, self.method)
         w = jnp.asarray(w)
-        return NOLA(shape=shape, base=w, alpha=jnp.zeros((self.kwargs["num_basis_a"],), w.dtype),
-                    beta=jnp.zeros((self.kwargs["num_basis_b"],), w.dtype),
-                    seed=_seed_from_key(key), rank=rank, scale=self.kwargs["alpha"] / rank)
+        return NOLA(shape=shape, base=w, alpha=jnp.zeros((self.num_basis_a,), w.dtype),
+                    beta=jnp.zeros((self.num_basis_b,), w.dtype), seed=_seed_from_key(key),
+                    rank=self.rank, scale=_alpha_or_rank(self.alpha, self.rank) / self.rank)
 
 
-def nola(rank: int, num_basis_a: int = 1024, num_basis_b: int = 1024,
-         alpha: float | None = None) -> Factory:
-    """NOLA: LoRA factors as linear combinations of ``num_basis_a`` / ``num_basis_b`` random bases
-    regenerated from a per-layer seed; ``alpha=None`` means ``alpha = rank``."""
-    rank = _check_rank(rank, "nola")
-    for name, value in (("num_basis_a", num_basis_a), ("num_basis_b", num_basis_b)):
-        _check_rank(value, f"nola ({name})")
-    return _NOLAFactory(rank=rank, num_basis_a=int(num_basis_a), num_basis_b=int(num_basis_b),
-                        alpha=_resolve_alpha(alpha, rank, "nola"))
+@dataclasses.dataclass(frozen=True)
+class RandLoRAFactory(Factory):
+    """RandLoRA: full-rank update from ``ceil(min(m, n) / rank)`` shared random bases scaled by
+    trainable diagonals.
 
+    Attributes:
+      rank: rank ``r`` of each basis (may exceed ``min(m, n)``).
+      alpha: ``None`` means ``alpha = 20 * rank`` (peft: 640 for r = 32); ``s = alpha / rank``.
+      projection_prng_key: seed of the shared bases.
+    """
 
-class _SharedBasesFactory(Factory):
-    """A factory whose random bases are shared by every matrix one rule matches: ``bind_shapes``
-    returns a copy sized by :meth:`_bases_shape` of the matched shapes."""
+    rank: int = 32
+    alpha: float | None = None
+    projection_prng_key: int = 0
+    max_shape: tuple[int, int] | None = _internal(None)   # (big_max, small_max)
+    method: ClassVar[str] = "randlora"
 
-    def __init__(self, max_shape: tuple[int, int] | None = None, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.max_shape = max_shape
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        _positive_or_none(self.alpha, "alpha", self.method)
+        if isinstance(self.projection_prng_key, bool) or not isinstance(
+                self.projection_prng_key, int | np.integer):
+            raise ValueError(f"randlora: projection_prng_key must be an integer, got "
+                             f"{self.projection_prng_key!r}")
 
-    @staticmethod
-    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
-        raise NotImplementedError  # pragma: no cover - abstract
-
-    def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> Factory:
+    def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> RandLoRAFactory:
         shapes = list(shapes)
         if not shapes:
             return self
-        max_shape = self._bases_shape(max(s[0] for s in shapes), max(s[1] for s in shapes))
-        return type(self)(max_shape=max_shape, **self.kwargs)
-
-
-class _RandLoRAFactory(_SharedBasesFactory):
-    method = "randlora"
-
-    @staticmethod
-    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
-        return max(max_in, max_out), min(max_in, max_out)
+        return dataclasses.replace(self, max_shape=(max(max(s) for s in shapes),
+                                                    max(min(s) for s in shapes)))
 
     def __call__(self, key: Array, w: Array) -> RandLoRA:  # noqa: ARG002 - shared bases
         shape = _check_matrix(w, self.method)
-        rank = self.kwargs["rank"]
         small, big = min(shape), max(shape)
         max_shape = self.max_shape or (big, small)
         if big > max_shape[0] or small > max_shape[1]:
             raise ValueError(f"randlora: the {shape} weight does not fit the shared bases sized "
                              f"for (max, min) = {max_shape}")
-        num = _randlora_num_bases(small, rank)
+        num = _randlora_num_bases(small, self.rank)
         w = jnp.asarray(w)
-        return RandLoRA(shape=shape, base=w, lam=jnp.zeros((rank, num), w.dtype),
-                        gamma=jnp.full((num, small), 1.0 / big, w.dtype),
-                        seed=self.kwargs["projection_prng_key"], rank=rank,
-                        scale=self.kwargs["alpha"] / rank, max_shape=max_shape)
+        alpha = 20.0 * self.rank if self.alpha is None else float(self.alpha)
+        return RandLoRA(shape=shape, base=w, lam=jnp.zeros((self.rank, num), w.dtype),
+                        gamma=jnp.full((num, small), 1.0 / max(num, small), w.dtype),
+                        seed=int(self.projection_prng_key), rank=self.rank,
+                        scale=alpha / self.rank, max_shape=max_shape)
 
 
-def randlora(rank: int = 32, alpha: float | None = None, projection_prng_key: int = 0
-             ) -> Factory:
-    """RandLoRA: full-rank update from ``ceil(min(m, n) / rank)`` shared random bases scaled by
-    trainable diagonals; ``alpha=None`` means ``alpha = 20 * rank`` (peft: 640 for r = 32)."""
-    rank = _check_rank(rank, "randlora")
-    alpha = 20.0 * rank if alpha is None else _resolve_alpha(alpha, rank, "randlora")
-    return _RandLoRAFactory(rank=rank, alpha=alpha, projection_prng_key=int(projection_prng_key))
+@dataclasses.dataclass(frozen=True)
+class VeRAFactory(Factory):
+    """VeRA: frozen shared random ``A, B`` (regenerated from ``projection_prng_key``, sized for
+    the largest matrix matched by the same rule) and trainable scaling vectors
+    ``lambda_d = d_initial``, ``lambda_b = 0`` (peft defaults).
 
+    Attributes:
+      rank: shared rank ``r`` (may exceed ``min(m, n)``; peft default 256).
+      d_initial: initial value of ``lambda_d``.
+      projection_prng_key: seed of the shared bases.
+    """
 
-class _VeRAFactory(_SharedBasesFactory):
-    method = "vera"
+    rank: int = 256
+    d_initial: float = 0.1
+    projection_prng_key: int = 0
+    max_shape: tuple[int, int] | None = _internal(None)   # (max_in, max_out)
+    method: ClassVar[str] = "vera"
 
-    @staticmethod
-    def _bases_shape(max_in: int, max_out: int) -> tuple[int, int]:
-        return max_in, max_out
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, self.method)
+        if isinstance(self.d_initial, bool) or not isinstance(self.d_initial, int | float):
+            raise ValueError(f"vera: d_initial must be a number, got {self.d_initial!r}")
+
+    def bind_shapes(self, shapes: Sequence[tuple[int, int]]) -> VeRAFactory:
+        shapes = list(shapes)
+        if not shapes:
+            return self
+        return dataclasses.replace(self, max_shape=(max(s[0] for s in shapes),
+                                                    max(s[1] for s in shapes)))
 
     def __call__(self, key: Array, w: Array) -> VeRA:  # noqa: ARG002 - shared bases
         shape = _check_matrix(w, self.method)
-        rank = self.kwargs["rank"]
         max_shape = self.max_shape or shape
         if shape[0] > max_shape[0] or shape[1] > max_shape[1]:
             raise ValueError(f"vera: the {shape} weight does not fit the shared bases sized for "
                              f"{max_shape}")
         w = jnp.asarray(w)
         return VeRA(shape=shape, base=w, lambda_b=jnp.zeros((shape[1],), w.dtype),
-                    lambda_d=jnp.full((rank,), self.kwargs["d_initial"], w.dtype),
-                    seed=self.kwargs["projection_prng_key"], rank=rank, max_shape=max_shape)
+                    lambda_d=jnp.full((self.rank,), float(self.d_initial), w.dtype),
+                    seed=int(self.projection_prng_key), rank=self.rank, max_shape=max_shape)
 
 
-def vera(rank: int = 256, d_initial: float = 0.1, projection_prng_key: int = 0) -> Factory:
-    """VeRA: frozen shared random ``A, B`` (regenerated from ``projection_prng_key``, sized for
-    the largest matrix matched by the same rule) and trainable scaling vectors
-    ``lambda_d = d_initial``, ``lambda_b = 0`` (peft defaults). ``rank`` may exceed min(m, n)."""
-    rank = _check_rank(rank, "vera")
-    return _VeRAFactory(rank=rank, d_initial=float(d_initial),
-                        projection_prng_key=int(projection_prng_key))
+# Lower-case aliases: ``lrx.param.lora(8, alpha=16)`` is ``LoRAFactory(rank=8, alpha=16)``.
+lowrank = LowRankFactory
+lora = LoRAFactory
+dora = DoRAFactory
+sltrain = SLTrainFactory
+nola = NOLAFactory
+randlora = RandLoRAFactory
+vera = VeRAFactory
 
-
-FACTORIES = {"lowrank": lowrank, "lora": lora, "dora": dora, "sltrain": sltrain, "nola": nola,
-             "randlora": randlora, "vera": vera}
+FACTORIES: dict[str, type[Factory]] = {
+    f.method: f for f in (LowRankFactory, LoRAFactory, DoRAFactory, SLTrainFactory, NOLAFactory,
+                          RandLoRAFactory, VeRAFactory)}

@@ -9,7 +9,7 @@ simplest variant), with a jagged learning-rate schedule.
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import re
 import warnings
 import zlib
@@ -20,18 +20,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lrx.param.core import FROZEN, TRAINABLE, WITNESS, Factored, is_node, make_witness
-from lrx.param.nodes import FACTORIES, LoRA, lora_init
+from lrx.param.core import FROZEN, TRAINABLE, Factored, is_node
+from lrx.param.methods import FACTORIES_V2
+from lrx.param.nodes import FACTORIES as FACTORIES_V1
+from lrx.param.nodes import LoRA, lora_init
 from lrx.paths import path_str
 
 PyTree = Any
+
+FACTORIES = {**FACTORIES_V1, **FACTORIES_V2}
 
 
 def _path_key(key: jax.Array, path: str) -> jax.Array:
     return jax.random.fold_in(key, zlib.crc32(path.encode()) & 0x7FFFFFFF)
 
 
-def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array) -> PyTree:
+def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array,
+          stats: PyTree | None = None) -> PyTree:
     """Replaces dense matrices by factored weights according to ``rules``.
 
     Args:
@@ -42,6 +47,10 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
         already in ``params`` are left unchanged. Methods with bases shared across layers (VeRA,
         RandLoRA) size them for the largest matrix matched by the same rule.
       key: PRNG key; each matched leaf gets ``fold_in(key, crc32(path))``.
+      stats: data for data-driven inits (factories with a ``needs_stat`` attribute: LoRA-GA and
+        LoRA-SB take the loss gradient ``dL/dW: (m, n)``, EVA the layer's input activations
+        ``(tokens, m)``), as ``{path: array}`` or a tree whose leaf paths match ``params``
+        (e.g. the gradient tree); passed to the factory as its third argument.
     Returns:
       the same tree with factored nodes in place of the matched ``(m, n)`` leaves.
     Raises:
@@ -81,6 +90,10 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
             warnings.warn(f"lrx.param.apply: rule {rules[i][0]!r} matches no parameter "
                           f"(regexes must match the whole path). Available paths: "
                           f"{', '.join(shown[:40])}{more}", UserWarning, stacklevel=2)
+    by_path: dict[str, Any] = {}
+    if stats is not None:
+        flat_stats = jax.tree_util.tree_flatten_with_path(stats, is_leaf=is_node)[0]
+        by_path = {path_str(p): x for p, x in flat_stats}
     new = [x for _, x in leaves]
     for i, matched in assigned.items():
         if not matched:
@@ -89,13 +102,15 @@ def apply(params: PyTree, rules: Sequence[tuple[str, Callable]], key: jax.Array)
         if hasattr(factory, "bind_shapes"):
             factory = factory.bind_shapes([tuple(np.shape(leaves[j][1])) for j in matched])
         for j in matched:
-            new[j] = factory(_path_key(key, paths[j]), leaves[j][1])
+            if getattr(factory, "needs_stat", None):
+                new[j] = factory(_path_key(key, paths[j]), leaves[j][1], by_path.get(paths[j]))
+            else:
+                new[j] = factory(_path_key(key, paths[j]), leaves[j][1])
     return jax.tree_util.tree_unflatten(treedef, new)
 
 
 def _keep(node: Factored, kind: str) -> Factored:
-    drop = [name for name, k in node.kinds.items() if k in (TRAINABLE, FROZEN, WITNESS)
-            and k != kind]
+    drop = [name for name, k in node.kinds.items() if k in (TRAINABLE, FROZEN) and k != kind]
     return node.replace(**{name: None for name in drop})
 
 
@@ -105,7 +120,8 @@ def partition(params: PyTree) -> tuple[PyTree, PyTree]:
     Dense leaves are trainable. Inside a factored node the trainable part keeps the trainable
     fields (frozen ones set to ``None``) and the frozen part keeps the frozen fields. Take
     gradients and build optimizer state from ``trainable`` only; ``combine`` restores the full
-    tree. Shape witnesses are dropped from both parts.
+    tree. (``jax.grad`` with respect to the full tree also works; it just computes gradients of
+    the frozen fields too.)
     """
     train = jax.tree.map(lambda x: _keep(x, TRAINABLE) if is_node(x) else x, params,
                          is_leaf=is_node)
@@ -124,8 +140,6 @@ def combine(trainable: PyTree, frozen: PyTree) -> PyTree:
         for name, kind in t.kinds.items():
             if kind == FROZEN and f is not None:
                 changes[name] = getattr(f, name)
-            elif kind == WITNESS:
-                changes[name] = make_witness(t.shape)
         return t.replace(**changes)
 
     return jax.tree.map(merge, trainable, frozen, is_leaf=is_node)
@@ -137,7 +151,7 @@ def materialize(params: PyTree) -> PyTree:
 
 
 def _size_bytes(x: Any) -> tuple[int, int]:
-    if x is None or getattr(x, "dtype", None) == jax.dtypes.float0:
+    if x is None:
         return 0, 0
     size = int(np.prod(np.shape(x)))
     return size, size * jnp.dtype(x.dtype).itemsize
@@ -165,35 +179,37 @@ def count(params: PyTree) -> dict[str, int]:
 
 
 def factory(method: str, **kwargs: Any) -> Callable:
-    """The factory of ``method`` called with ``kwargs`` (for configs), e.g.
-    ``factory('lora', rank=8, alpha=16)``.
+    """The typed factory of ``method`` built from ``kwargs`` (for configs), e.g.
+    ``factory('lora', rank=8, alpha=16)`` is ``LoRAFactory(rank=8, alpha=16)``.
 
     Raises:
-      ValueError: unknown method (lists the valid ones) or unknown / invalid kwargs (lists the
-        method's keyword arguments with their defaults).
+      ValueError: unknown method (lists the valid ones), unknown or missing kwargs (lists the
+        method's hyperparameters with their defaults) or an invalid value.
     """
     if method not in FACTORIES:
         raise ValueError(f"unknown parameterization method {method!r}; valid methods: "
                          f"{', '.join(FACTORIES)}")
-    fn = FACTORIES[method]
-    sig = inspect.signature(fn)
-    valid = ", ".join(f"{p.name}" + ("" if p.default is inspect.Parameter.empty
-                                     else f"={p.default!r}") for p in sig.parameters.values())
-    unknown = sorted(set(kwargs) - set(sig.parameters))
+    cls = FACTORIES[method]
+    fields = cls.hyperparameters()
+    names = [f.name for f in fields]
+    valid = ", ".join(f.name + ("" if f.default is dataclasses.MISSING else f"={f.default!r}")
+                      for f in fields)
+    unknown = sorted(set(kwargs) - set(names))
     if unknown:
         raise ValueError(f"{method}: unknown argument(s) {', '.join(unknown)}; valid: {valid}")
-    missing = [p.name for p in sig.parameters.values()
-               if p.default is inspect.Parameter.empty and p.name not in kwargs]
+    missing = [f.name for f in fields if f.default is dataclasses.MISSING
+               and f.name not in kwargs]
     if missing:
         raise ValueError(f"{method}: missing argument(s) {', '.join(missing)}; valid: {valid}")
-    return fn(**kwargs)
+    return cls(**kwargs)
 
 
 def merge_and_reinit(params: PyTree, key: jax.Array) -> PyTree:
     """ReLoRA restart: merge every :class:`LoRA` adapter into its base
     (``base <- base + s a @ b``) and re-initialise ``a, b`` as at init (``'default'``: ``a``
-    Kaiming-uniform from ``fold_in(key, crc32(path))``, ``b = 0``; ``'pissa'``: the top-r SVD split
-    of the merged weight). The effective weights are unchanged for ``'default'`` and ``'pissa'``.
+    Kaiming-uniform from ``fold_in(key, crc32(path))``, ``b = 0``; ``'pissa'`` / ``'olora'``: the
+    top-r SVD / QR split of the merged weight; data-driven inits (``'lora_ga'``, ``'eva'``) restart
+    as ``'default'``). The effective weights are unchanged for ``'default'`` and ``'pissa'``.
     Other leaves are returned as they are. Needs the full tree (``combine`` the partition
     first); works under ``jit``. Reset the optimizer state of the adapters afterwards."""
 
@@ -203,8 +219,9 @@ def merge_and_reinit(params: PyTree, key: jax.Array) -> PyTree:
         merged = (x.base.astype(jnp.float32)
                   + x.scale * (x.a.astype(jnp.float32) @ x.b.astype(jnp.float32)))
         merged = merged.astype(x.base.dtype)
+        init = x.init if x.init in ("default", "pissa", "olora") else "default"
         base, a, b = lora_init(_path_key(key, path_str(path)), merged, x.a.shape[1], x.scale,
-                               x.init)
+                               init)
         return x.replace(base=base, a=a.astype(x.a.dtype), b=b.astype(x.b.dtype))
 
     return jax.tree_util.tree_map_with_path(one, params, is_leaf=is_node)

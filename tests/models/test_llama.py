@@ -107,3 +107,27 @@ def test_bad_config_messages():
     params = _params(cfg)
     with pytest.raises(ValueError, match="exceeds the model's max_len"):
         llama.Llama(cfg).apply({"params": params}, jnp.zeros((1, 40), jnp.int32))
+
+
+def test_factored_kernels_without_witness_and_whole_tree_gradient():
+    """LowRank / SLTrain nodes (no dense (m, n) leaf) load through Linear's read_kernel, give the
+    dense model's logits, and jax.grad w.r.t. the whole tree of nodes works."""
+    import lrx.param as P
+
+    cfg = llama.preset("tiny", hidden_size=16, intermediate_size=24, num_heads=2, num_layers=1,
+                 vocab_size=11, max_len=8)
+    tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 11)
+    model = llama.Llama(cfg)
+    params = model.init(jax.random.key(1), tokens)["params"]
+    fparams = P.apply(params, [(r".*/attn/.*/kernel", P.lowrank(4)),
+                               (r".*/mlp/.*/kernel", P.sltrain(4, density=0.2))],
+                      jax.random.key(2))
+    assert isinstance(fparams["layers_0"]["attn"]["q"]["kernel"], P.LowRank)
+    logits = model.apply({"params": fparams}, tokens)
+    dense = model.apply({"params": P.materialize(fparams)}, tokens)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), rtol=1e-4, atol=1e-5)
+    loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)  # noqa: E731
+    g = jax.jit(jax.grad(loss))(fparams)
+    assert jax.tree.structure(g) == jax.tree.structure(fparams)
+    gq = g["layers_0"]["attn"]["q"]["kernel"]
+    assert gq.u.shape == (16, 4) and np.all(np.isfinite(np.asarray(gq.u)))

@@ -111,3 +111,42 @@ def test_bad_layer_config(kwargs, match):
     model = s4.S4Model(d_output=2, d_model=4, n_layers=1, **kwargs)
     with pytest.raises(ValueError, match=match):
         model.init(jax.random.PRNGKey(0), _x(8 if not kwargs.get("decode") else 1))
+
+
+@pytest.mark.parametrize("mode", ["dplr", "diag"])
+def test_init_follows_official_c_and_d(mode):
+    """Official state-spaces/s4: C ~ CN(0, 1), stored as C-tilde = C (I - Abar^L) for DPLR
+    (SSMKernelDPLR._setup_C), D ~ N(0, 1). Recover C in float64 NumPy from the stored parameters,
+    independently of lrx.ssm, and check the moments."""
+    H, N, L = 128, 8, 16
+    layer = s4.S4Layer(d_state=N, mode=mode, l_max=L)
+    params = layer.init(jax.random.PRNGKey(0), jnp.zeros((1, L, H)))["params"]
+    cplx = lambda x: np.asarray(x[..., 0], np.float64) + 1j * np.asarray(x[..., 1], np.float64)  # noqa: E731
+    stored = cplx(params["C"])                                     # (H, n)
+    if mode == "dplr":
+        lam = -np.exp(np.asarray(params["log_Lambda_real"], np.float64)) + 1j * np.asarray(
+            params["Lambda_imag"], np.float64)
+        P = cplx(params["P"])
+        step = np.exp(np.asarray(params["log_step"], np.float64))
+        C = np.empty_like(stored)
+        for h in range(H):
+            lf = np.concatenate([lam[h], lam[h].conj()])
+            pf = np.concatenate([P[h], P[h].conj()])
+            A = np.diag(lf) - np.outer(pf, pf.conj())
+            left = np.eye(N) - step[h] / 2 * A
+            Abar = np.linalg.solve(left, np.eye(N) + step[h] / 2 * A)
+            ct = np.concatenate([stored[h], stored[h].conj()])
+            # Ct = C (I - Abar^L)  =>  C = Ct (I - Abar^L)^-1 (row vectors)
+            c_full = np.linalg.solve((np.eye(N) - np.linalg.matrix_power(Abar, L)).T, ct)
+            np.testing.assert_allclose(c_full[N // 2:], c_full[: N // 2].conj(), atol=1e-4)
+            C[h] = c_full[: N // 2]
+        assert not np.allclose(C, stored, atol=1e-2)               # the correction is not trivial
+    else:
+        C = stored
+    size = C.size                                                   # H * N/2 = 512 samples
+    for part in (C.real, C.imag):                                   # each N(0, 1/2)
+        assert abs(part.mean()) < 4 * np.sqrt(0.5 / size)
+        assert abs(part.var() - 0.5) < 4 * 0.5 * np.sqrt(2 / size)
+    assert abs(np.mean(np.abs(C) ** 2) - 1.0) < 4 * np.sqrt(1 / size)
+    D = np.asarray(params["D"], np.float64)
+    assert abs(D.mean()) < 4 / np.sqrt(H) and abs(D.var() - 1) < 4 * np.sqrt(2 / H)
