@@ -340,6 +340,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
 def _check_finite(c: ml_collections.ConfigDict) -> None:
     """NaN or infinity anywhere in the config is a mistake (e.g. ``optimizer.scale=nan``)."""
     defaults_ = common.flatten(_schema())
+    if c.optimizer.get("name") in OPTIMIZERS:  # this optimizer's own defaults, not the union's
+        defaults_.update({f"optimizer.{k}": v for k, v in
+                          optimizer_defaults(c.optimizer.name).to_dict().items()})
     for key, value in common.flatten(c).items():
         if isinstance(value, float) and not math.isfinite(value):
             default = defaults_.get(key)

@@ -76,8 +76,8 @@ def _error_lines(stderr):
     (["--config=configs/galore.py", "--config.optimizer.rank=1000"],
      "config.optimizer.rank=1000 is >= the smaller dimension of every projected matrix"),
     (["--config=configs/adamw.py", "--config.optimizer.rank=8"],
-     "('rank' is a key of galore, fira: add --config.optimizer.name=galore, which brings its "
-     "defaults.)"),
+     "('rank' is a key of galore, fira, apollo: add --config.optimizer.name=galore, which brings "
+     "its defaults.)"),
     (["--config=configs/adamw.py", "--config.optimizer.name=galore"],  # GaLore's default rank 128
      "config.optimizer.rank=128 is >= the smaller dimension of every projected matrix"),
 ])
