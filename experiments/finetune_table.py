@@ -82,33 +82,10 @@ def defaults() -> ml_collections.ConfigDict:
     return c
 
 
-def _merged(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    full = defaults()
-    for section, values in config.items():
-        if isinstance(values, ml_collections.ConfigDict):
-            for key, value in values.items():
-                full[section][key] = value
-        else:
-            full[section] = values
-    return full
-
-
-def _model_config(c: ml_collections.ConfigDict):
-    from lrx.data.text import VOCAB_SIZE
-    from lrx.models.llama import preset
-
-    overrides = {k: c.model[k] for k in ("hidden_size", "intermediate_size", "num_heads",
-                                        "num_layers") if c.model[k]}
-    try:
-        return preset(c.model.preset, vocab_size=VOCAB_SIZE, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
-
-
 def validate(config: ml_collections.ConfigDict) -> None:
     """Unknown keys, wrong types and impossible values, before any work."""
     common.check_keys(config, defaults())
-    c = _merged(config)
+    c = finetuning.merged(config, defaults)
     from lrx.data.text import _GENRES, shakespeare_plays
 
     common.check_choice(c.data.target_genre, list(_GENRES), "data.target_genre")
@@ -130,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "analysis.intruder_k"):
         section, leaf = key.split(".")
         common.check_positive(c[section][leaf], key)
-    cfg = _model_config(c)
+    cfg = finetuning.model_config(c)
     smallest = min(cfg.hidden_size, cfg.intermediate_size)
     if 2 * c.finetune.rank > smallest:
         raise ConfigError(f"finetune.rank={c.finetune.rank}: LoRA-GA needs 2 * rank <= the "
@@ -167,7 +144,7 @@ class _Setup:
         cut = int(round(tgt.size * (1.0 - c.data.target_val_fraction)))
         self.target_tokens, self.target_val = tgt[:cut], tgt[cut:]
         self.seq_len = c.data.seq_len
-        self.model = Llama(_model_config(c))
+        self.model = Llama(finetuning.model_config(c))
         self.mesh = sharding.make_mesh(0, 1)
         dp = sharding.data_parallel_size(self.mesh)
         model = self.model
@@ -346,7 +323,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     from lrx.train import loop
 
     wall0 = time.perf_counter()
-    c = _merged(config)
+    c = finetuning.merged(config, defaults)
     setup = _Setup(c)
     base = _pretrained(setup, workdir)
     paths = finetuning.matrix_paths(base, c.analysis.paths)

@@ -112,3 +112,32 @@ def update_spectra(base: Any, tuned: Any, paths: list[str], *, k: int,
     return {"intruders": {eps: int(sum(int(np.sum(np.asarray(similarity[p]) < eps))
                                        for p in paths)) for eps in thresholds},
             "delta_effective_rank": float(np.mean([float(erank[p]) for p in paths]))}
+
+
+def merged(config: Any, defaults: Callable[[], Any]) -> Any:
+    """``defaults()`` with every key of ``config`` (a ConfigDict of sections) written over it."""
+    import ml_collections
+
+    full = defaults()
+    for section, values in config.items():
+        if isinstance(values, ml_collections.ConfigDict):
+            for key, value in values.items():
+                full[section][key] = value
+        else:
+            full[section] = values
+    return full
+
+
+def model_config(c: Any):
+    """The LLaMA config of ``c.model`` (a preset plus non-zero size overrides, byte vocabulary);
+    a bad preset is a ConfigError naming the valid ones."""
+    from experiments.common import ConfigError
+    from lrx.data.text import VOCAB_SIZE
+    from lrx.models.llama import preset
+
+    overrides = {k: c.model[k] for k in ("hidden_size", "intermediate_size", "num_heads",
+                                        "num_layers") if c.model[k]}
+    try:
+        return preset(c.model.preset, vocab_size=VOCAB_SIZE, **overrides)
+    except ValueError as e:
+        raise ConfigError(f"config.model: {e}") from None

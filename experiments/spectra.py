@@ -43,7 +43,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import common
+from experiments import common, finetuning
 from experiments.common import ConfigError
 from experiments.finetuning import flat as _flat
 from experiments.finetuning import matrix_paths as _matrix_paths
@@ -99,7 +99,7 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Unknown keys, wrong types and impossible values, before any work."""
     common.check_keys(config, defaults())
-    c = _merged(config)
+    c = finetuning.merged(config, defaults)
     from lrx.data.text import shakespeare_plays
     from lrx.models.llama import PRESETS
 
@@ -158,7 +158,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         re.compile(c.analysis.paths)
     except re.error as e:
         raise ConfigError(f"analysis.paths={c.analysis.paths!r} is not a regex: {e}") from None
-    cfg = _model_config(c)
+    cfg = finetuning.model_config(c)
     smallest = min(cfg.hidden_size, cfg.intermediate_size)
     for key, value in (("analysis.rank", c.analysis.rank), ("galore.rank", c.galore.rank),
                        ("lora.rank", c.lora.rank), ("finetune.intruder_k", c.finetune.intruder_k),
@@ -169,29 +169,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if c.data.seq_len > cfg.max_len:
         raise ConfigError(f"data.seq_len={c.data.seq_len} exceeds the model's max_len "
                           f"{cfg.max_len}")
-
-
-def _merged(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    full = defaults()
-    for section, values in config.items():
-        if isinstance(values, ml_collections.ConfigDict):
-            for key, value in values.items():
-                full[section][key] = value
-        else:
-            full[section] = values
-    return full
-
-
-def _model_config(c: ml_collections.ConfigDict):
-    from lrx.data.text import VOCAB_SIZE
-    from lrx.models.llama import preset
-
-    overrides = {k: c.model[k] for k in ("hidden_size", "intermediate_size", "num_heads",
-                                        "num_layers") if c.model[k]}
-    try:
-        return preset(c.model.preset, vocab_size=VOCAB_SIZE, **overrides)
-    except ValueError as e:
-        raise ConfigError(f"config.model: {e}") from None
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -246,7 +223,7 @@ class _Setup:
         cut = int(round(play.size * (1.0 - c.data.finetune_val_fraction)))
         self.finetune_tokens, self.finetune_val = play[:cut], play[cut:]
         self.seq_len = c.data.seq_len
-        cfg = _model_config(c)
+        cfg = finetuning.model_config(c)
         self.model_config = cfg
         self.model = Llama(cfg)
         self.mesh = sharding.make_mesh(0, 1)
@@ -460,7 +437,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     import jax
 
     wall0 = time.perf_counter()
-    c = _merged(config)
+    c = finetuning.merged(config, defaults)
     setup = _Setup(c)
     summary: dict[str, Any] = {"experiment": "spectra", "skipped": {}}
 
