@@ -17,18 +17,16 @@ section with NAME's own defaults before the section's other overrides are applie
 
 from __future__ import annotations
 
-import ast
 import json
 import logging as pylogging
 import os
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file: configs/NAME.py[:ARG]; override values with --config.KEY=VALUE.",
-    lock_config=True)
+_CONFIG_ARG = flags.DEFINE_string(
+    "config", None, "Config file: configs/NAME.py[:ARG]; override values with --config.KEY=VALUE "
+    "(or --config.KEY VALUE).")
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: runs/<config name>[-<arg>]). A run resumes from "
     "the latest checkpoint found there.")
@@ -42,19 +40,6 @@ def default_workdir(config_arg: str) -> str:
     if arg:
         name += "-" + "".join(c if c.isalnum() or c in "._=-" else "_" for c in arg)
     return os.path.join("runs", name)
-
-
-def _config_arg(argv: list[str]) -> str:
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            return a.split("=", 1)[1]
-        if a == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
-    return "config"
-
-
-def _overrides(argv: list[str]) -> list[str]:
-    return [a for a in argv if a.startswith("--config.")]
 
 
 _CHATTY = ("/orbax/", "/jax/_src/xla_bridge.py", "/tensorstore/")
@@ -78,37 +63,43 @@ def install_log_filter() -> None:
             h.addFilter(_QuietLibraries())
 
 
-# Overrides of a switched section, applied in main() after the switch: [(key, raw value)].
-_DEFERRED: list[tuple[str, str]] = []
-_SWITCHED: list[tuple[str, str]] = []
-_ORIGINAL_ARGV: list[str] = []  # the command line when _parse_flags shortened sys.argv
+# Filled by _parse_flags: the config-file argument and the --config.KEY=VALUE overrides in
+# command-line order (main() loads the file once, applies section switches, then the overrides).
+_PARSED: dict = {"config_arg": "config", "overrides": []}
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str | None]]]:
+    """``(argv without the overrides, [(key, raw value or None)])`` for the ``--config.KEY=VALUE``
+    and ``--config.KEY VALUE`` forms (absl's space-separated form; ``None``: a bare
+    ``--config.KEY``, true for a bool key)."""
+    kept, overrides, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("--config."):
+            body = a[len("--config."):]
+            if "=" in body:
+                key, raw = body.split("=", 1)
+                overrides.append((key, raw))
+            elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+                overrides.append((body, argv[i + 1]))
+                i += 1
+            else:
+                overrides.append((body, None))
+        else:
+            kept.append(a)
+        i += 1
+    return kept, overrides
 
 
 def main(argv: list[str]) -> int:
     install_log_filter()
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    import experiments
     from experiments.common import RESUME_KEYS, ConfigError, prepare_workdir, to_dict, write_json
 
-    config = _CONFIG.value
-    command_line = _ORIGINAL_ARGV or sys.argv
-    config_arg = _config_arg(command_line)
+    config_arg, overrides = _PARSED["config_arg"], _PARSED["overrides"]
     try:
-        if "experiment" not in config:
-            raise ConfigError("the config has no 'experiment' key. Valid experiments: "
-                              + ", ".join(experiments.available()) + ".")
-        module = experiments.load(config.experiment)
-        for key, value in _SWITCHED:
-            getattr(module, "SECTION_SWITCHES", {})[key](config, value)
-        for key, raw in _DEFERRED:
-            _set_override(config, key, raw)
-        if _SWITCHED:
-            key, value = _SWITCHED[0]
-            section = key.rsplit(".", 1)[0]
-            logging.warning("--config.%s=%s: config.%s is %s's own defaults plus the command "
-                            "line (%s)", key, value, section, value,
-                            ", ".join(f"{k}={v}" for k, v in config[section].items()))
+        config, module = build_config(config_arg, overrides)
         if hasattr(module, "validate"):
             module.validate(config)
         workdir = _WORKDIR.value or default_workdir(config_arg)
@@ -123,7 +114,8 @@ def main(argv: list[str]) -> int:
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), to_dict(config))
     write_json(os.path.join(workdir, "overrides.json"),
-               {"config": config_arg, "overrides": _overrides(command_line)})
+               {"config": config_arg, "overrides": [f"--config.{k}={v}" if v is not None
+                                                    else f"--config.{k}" for k, v in overrides]})
     logging.info("experiment=%s workdir=%s", config.experiment, workdir)
     from lrx.train.loop import limit_blas_threads
 
@@ -136,36 +128,91 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _set_override(config, key: str, raw: str) -> None:
-    """Sets ``config.<key>`` from the command-line text ``raw``, typed like the current value."""
-    from experiments.common import ConfigError
+def build_config(config_arg: str, overrides: list[tuple[str, str | None]]):
+    """``(config, experiment module)`` for ``--config=FILE[:ARG]`` and the command-line overrides
+    ``[(key, raw value)]``: loads the config file once, applies the section switches of the
+    experiment (``SECTION_SWITCHES``, e.g. ``optimizer.name``: the section becomes that name's
+    own defaults) and then every other override in command-line order, typed like the value it
+    replaces (:func:`experiments.common.parse_value`). Raises ConfigError for a missing file, an
+    unknown experiment, key or variant, or a value of the wrong type."""
+    import experiments
+    from experiments.common import ConfigError, suggest
+
+    path, _, arg = config_arg.partition(":")
+    if not os.path.isfile(path):
+        here = sorted(f"configs/{f}" for f in os.listdir("configs") if f.endswith(".py")
+                      and not f.startswith("_")) if os.path.isdir("configs") else []
+        raise ConfigError(f"no config file {path!r}.{suggest(path, here)} "
+                          f"Configs: {', '.join(here)}.")
+    config = _load_config_file(path, arg)
+    if "experiment" not in config:
+        raise ConfigError("the config has no 'experiment' key. Valid experiments: "
+                          + ", ".join(experiments.available()) + ".")
+    module = experiments.load(config.experiment)
+    switches = getattr(module, "SECTION_SWITCHES", {})
+    switched = []
+    for key, switch in switches.items():
+        given = [raw for k, raw in overrides if k == key]
+        if not given or _get(config, key) == given[-1]:
+            continue  # not given, or the file already chose it: keep the file's tuned section
+        switch(config, given[-1])
+        switched.append((key, given[-1]))
+    for key, raw in overrides:
+        if key in switches and switched and key in dict(switched):
+            continue
+        _check_key(config, key, module)
+        _set_override(config, key, raw)
+    for key, value in switched:
+        section = key.rsplit(".", 1)[0]
+        logging.warning("--config.%s=%s: config.%s is %s's own defaults plus the command "
+                        "line (%s)", key, value, section, value,
+                        ", ".join(f"{k}={v}" for k, v in config[section].items()))
+    config.lock()
+    return config, module
+
+
+def _get(config, key: str):
+    node = config
+    for part in key.split("."):
+        if not hasattr(node, "keys") or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_key(config, key: str, module) -> None:
+    """ConfigError naming the closest valid key when ``config`` has no ``key``."""
+    from experiments.common import ConfigError, suggest
+
+    node, walked = config, []
+    for part in key.split("."):
+        keys = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in keys:
+            where = "config." + ".".join(walked) if walked else "config"
+            hint = getattr(module, "section_hint", lambda k: "")(key)
+            raise ConfigError(f"--config.{key}: {where} has no key {part!r}.{suggest(part, keys)} "
+                              f"Valid keys: {', '.join(sorted(keys))}.{hint}")
+        node, walked = node[part], walked + [part]
+
+
+def _set_override(config, key: str, raw: str | None) -> None:
+    """Sets ``config.<key>`` from the command-line text ``raw`` (None: a bare bool flag)."""
+    from experiments.common import ConfigError, parse_value
 
     *parents, leaf = key.split(".")
     node = config
     for part in parents:
         node = node[part]
     old = node[leaf]
-    try:
-        if isinstance(old, bool):
-            if raw.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(raw)
-            value = raw.lower() in ("true", "1")
-        elif isinstance(old, int):
-            value = int(raw)
-        elif isinstance(old, float):
-            value = float(raw)
-        elif isinstance(old, (tuple, list)):
-            value = type(old)(ast.literal_eval(raw))
-        elif isinstance(old, str):
-            value = raw
-        else:
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw
-    except (ValueError, SyntaxError, TypeError):
-        raise ConfigError(f"--config.{key}={raw}: expected a {type(old).__name__} (like the "
-                          f"default {old!r})") from None
+    if raw is None:
+        if not isinstance(old, bool):
+            raise ConfigError(f"--config.{key} needs a value (--config.{key}=VALUE; the default "
+                              f"is {old!r})")
+        raw = "true"
+    if hasattr(old, "keys"):
+        raise ConfigError(f"--config.{key}={raw}: config.{key} is a section; set its keys "
+                          f"({', '.join(sorted(old.keys()))})")
+    value = parse_value(old, raw, f"--config.{key}")
     with config.unlocked():
         node[leaf] = value
 
@@ -176,95 +223,36 @@ def _fail(message: str) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing where every user error (a missing config file, a ConfigError raised by the
-    config file, a typo'd override key, a value of the wrong type) is one line and exit code 2."""
-    from experiments.common import ConfigError, suggest
-
-    config_arg = _config_arg(argv)
-    path, _, arg = config_arg.partition(":")
-    if config_arg != "config" and not os.path.isfile(path):
-        here = sorted(f"configs/{f}" for f in os.listdir("configs") if f.endswith(".py")
-                      and not f.startswith("_")) if os.path.isdir("configs") else []
-        _fail(f"no config file {path!r}.{suggest(path, here)} Configs: {', '.join(here)}.")
+    """absl flag parsing with the ``--config.KEY[=]VALUE`` overrides taken out (``main`` applies
+    them to the config it loads once); every user error is one line and exit code 2."""
+    argv, overrides = split_overrides(argv)
+    _PARSED["overrides"] = overrides
     try:
-        base = _load_config_file(path, arg) if config_arg != "config" else None
-        if base is not None:
-            argv = _split_switches(base, argv)
-            if _SWITCHED:  # config_flags reads its overrides from sys.argv
-                _ORIGINAL_ARGV[:] = sys.argv
-                sys.argv = list(argv)
-            for override in _overrides(argv) + [f"--config.{k}={v}" for k, v in _DEFERRED]:
-                key = override[len("--config."):].split("=", 1)[0]
-                node, walked = base, []
-                for part in key.split("."):
-                    keys = list(node.keys()) if hasattr(node, "keys") else []
-                    if part not in keys:
-                        where = "config." + ".".join(walked) if walked else "config"
-                        _fail(f"{override}: {where} has no key {part!r}.{suggest(part, keys)} "
-                              f"Valid keys: {', '.join(sorted(keys))}.{_hint(base, key)}")
-                    node, walked = node[part], walked + [part]
         out = flags.FLAGS(argv)
-        _ = _CONFIG.value.keys()  # surfaces lazy config-loading errors here
-        return out
-    except ConfigError as e:
-        _fail(str(e))
     except flags.Error as e:
         _fail(str(e))
-    return []  # unreachable
-
-
-def _hint(base, key: str) -> str:
-    """The experiment's ``section_hint(key)`` (e.g. which optimizer has the key), or ''."""
-    import experiments
-
-    try:
-        return getattr(experiments.load(base.experiment), "section_hint", lambda k: "")(key)
-    except Exception:  # noqa: BLE001 - a hint must never mask the error itself
-        return ""
-
-
-def _split_switches(base, argv: list[str]) -> list[str]:
-    """Handles ``--config.<switch key>=VALUE`` (an experiment's ``SECTION_SWITCHES``): applies the
-    switch to ``base`` (for the key checks), records it for main(), and takes the switched
-    section's overrides out of ``argv`` (main() applies them after the switch)."""
-    import experiments
-
-    if "experiment" not in base:
-        return argv
-    try:
-        switches = getattr(experiments.load(base.experiment), "SECTION_SWITCHES", {})
-    except Exception:  # noqa: BLE001 - an unknown experiment is reported by main()
-        return argv
-    kept = list(argv)
-    for key, switch in switches.items():
-        given = [a for a in argv if a.startswith(f"--config.{key}=")]
-        if not given:
-            continue
-        value = given[-1].split("=", 1)[1]
-        node = base
-        for part in key.split(".")[:-1]:
-            node = node[part]
-        if node.get(key.rsplit(".", 1)[1]) == value:
-            continue  # the file already chose it: keep the file's tuned section
-        switch(base, value)
-        _SWITCHED.append((key, value))
-        section = key.rsplit(".", 1)[0] + "."
-        for a in argv:
-            if a.startswith(f"--config.{section}"):
-                kept.remove(a)
-                name, raw = a[len("--config."):].split("=", 1) if "=" in a else (a, "")
-                if name != key:
-                    _DEFERRED.append((name, raw))
-    return kept
+    _PARSED["config_arg"] = _CONFIG_ARG.value
+    return out
 
 
 def _load_config_file(path: str, arg: str):
+    """``get_config(arg)`` of the config file at ``path`` (the one place a file is loaded by
+    path: the command line names it). A ValueError of the file (a bad argument) is a
+    ConfigError."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("_lrx_config_check", path)
+    from experiments.common import ConfigError
+
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"_lrx_config_{name}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    try:
+        spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"--config={path}:{arg}: {e}") from None
 
 
 def _entry() -> None:

@@ -5,10 +5,10 @@
     python run.py --config=configs/adamw.py:smoke            # 2 steps
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def get_config(arg=None):
     config = lm.defaults()
     config.optimizer = lm.optimizer_defaults("adamw")
-    return lm.apply_arg(config, arg, lm.VARIANTS)
+    return common.apply_arg(config, arg, lm.VARIANTS, inactive=lm.inactive_sections)

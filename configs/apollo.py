@@ -10,7 +10,7 @@ tensor-wise, scale 128. Defaults: the tiny LLaMA with rank 32 (a quarter of its 
     python run.py --config=configs/apollo.py:mini,llama_60m
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def _mini(config):
@@ -24,4 +24,5 @@ def get_config(arg=None):
     config.optimizer = lm.optimizer_defaults("apollo")
     config.optimizer.learning_rate = 0.01
     config.optimizer.rank = 32
-    return lm.apply_arg(config, arg, {**lm.VARIANTS, "mini": _mini})
+    return common.apply_arg(config, arg, {**lm.VARIANTS, "mini": _mini},
+                            inactive=lm.inactive_sections)

@@ -8,9 +8,9 @@ PiSSA, OLoRA, LoRA-GA, LoRA-SB, EVA, DoRA, VeRA, RandLoRA, NOLA, SoRA, DyLoRA an
     python run.py --config=configs/finetune_table.py:finetune.rank=4,finetune.methods=lora+dora
 """
 
-from experiments import finetune_table, lm
+from experiments import common, finetune_table
 
 
 def get_config(arg=None):
     config = finetune_table.defaults()
-    return lm.apply_arg(config, arg, finetune_table.VARIANTS)
+    return common.apply_arg(config, arg, finetune_table.VARIANTS)

@@ -7,7 +7,7 @@ update_proj_gap 200; rank 32 for the tiny model.
     python run.py --config=configs/fira.py:residual=paper
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def get_config(arg=None):
@@ -15,4 +15,4 @@ def get_config(arg=None):
     config.optimizer = lm.optimizer_defaults("fira")
     config.optimizer.learning_rate = 0.01
     config.optimizer.rank = 32
-    return lm.apply_arg(config, arg, lm.VARIANTS)
+    return common.apply_arg(config, arg, lm.VARIANTS, inactive=lm.inactive_sections)

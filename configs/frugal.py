@@ -8,7 +8,7 @@ uses 3e-3 like the AdamW baseline).
     python run.py --config=configs/frugal.py:density=0.5,subspace=random
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def get_config(arg=None):
@@ -16,4 +16,4 @@ def get_config(arg=None):
     config.optimizer = lm.optimizer_defaults("frugal")
     config.optimizer.learning_rate = 3e-3
     config.optimizer.eps = 1e-8  # the FRUGAL code's Adam eps (GaLore's class default is 1e-6)
-    return lm.apply_arg(config, arg, lm.VARIANTS)
+    return common.apply_arg(config, arg, lm.VARIANTS, inactive=lm.inactive_sections)

@@ -11,7 +11,7 @@ warmup then cosine to 10%. Defaults: the tiny LLaMA on Shakespeare (CPU, a few m
     python run.py --config=configs/galore.py --config.optimizer.projector=randomized
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def get_config(arg=None):
@@ -19,4 +19,4 @@ def get_config(arg=None):
     config.optimizer = lm.optimizer_defaults("galore")
     config.optimizer.learning_rate = 0.01
     config.optimizer.rank = 32
-    return lm.apply_arg(config, arg, lm.VARIANTS)
+    return common.apply_arg(config, arg, lm.VARIANTS, inactive=lm.inactive_sections)

@@ -10,7 +10,7 @@ LM head and norms stay dense. Rank 32 on the tiny model (a quarter of the hidden
     python run.py --config=configs/lowrank.py:smoke
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def get_config(arg=None):
@@ -18,4 +18,5 @@ def get_config(arg=None):
     config.optimizer = lm.optimizer_defaults("adamw")
     config.param.method = "lowrank"
     config.param.rank = 32
-    return lm.apply_arg(config, arg, lm.VARIANTS)  # llama_* variants use the paper's ranks
+    # the llama_* variants use the paper's ranks
+    return common.apply_arg(config, arg, lm.VARIANTS, inactive=lm.inactive_sections)

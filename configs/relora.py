@@ -15,7 +15,7 @@ magnitude-pruned) reset of the adapters' optimizer moments.
     python run.py --config=configs/relora.py:smoke
 """
 
-from experiments import lm
+from experiments import common, lm
 
 
 def _paper(name):
@@ -40,4 +40,4 @@ def get_config(arg=None):
     config.param.relora_warmup = 25
     variants = {**lm.VARIANTS, "smoke": _smoke,
                 **{name: _paper(name) for name in lm.PAPER_SETUPS}}
-    return lm.apply_arg(config, arg, variants)
+    return common.apply_arg(config, arg, variants, inactive=lm.inactive_sections)

@@ -3,33 +3,35 @@ sequential digits (experiments/s4.py).
 
     python run.py --config=configs/s4.py                 # defaults, <= 15 min on 2 CPU cores
     python run.py --config=configs/s4.py:smoke           # seconds
-    python run.py --config=configs/s4.py:long       # adding L=4096 (3000 steps), digits L=1024
+    python run.py --config=configs/s4.py:long            # adding L=4096 (3000 steps), digits L=1024
     python run.py --config=configs/s4.py:all_inits       # + S4D-Lin and S4D-Inv
-    python run.py --config=configs/s4.py --config.adding.length=2048
+    python run.py --config=configs/s4.py:adding.length=2048
 """
 
-from experiments import s4
+from experiments import common, s4
 
-VARIANTS = ("smoke", "long", "all_inits")
+
+def _smoke(c):
+    c.tasks = ("adding",)
+    c.models = ("s4-legs", "s4d-legs")
+    c.model.update(d_model=8, n_layers=1, d_state=16)
+    c.adding.update(length=64, steps=2, batch_size=4, eval_size=16, log_every=2)
+    c.digits.update(upsample=1, steps=2, batch_size=4, log_every=2)
+
+
+def _long(c):
+    c.adding.length = 4096
+    c.adding.steps = 3000
+    c.digits.upsample = 4
+    c.model.chunk_size = 512
+
+
+def _all_inits(c):
+    c.models = ("s4-legs", "s4d-legs", "s4d-lin", "s4d-inv", "s4d-random")
+
+
+VARIANTS = {"smoke": _smoke, "long": _long, "all_inits": _all_inits}
 
 
 def get_config(arg=None):
-    c = s4.defaults()
-    for token in [t for t in (arg or "").split(",") if t]:
-        if token not in VARIANTS:
-            raise ValueError(f"unknown variant {token!r} for configs/s4.py; valid: "
-                             f"{', '.join(VARIANTS)}")
-        if token == "smoke":
-            c.tasks = ("adding",)
-            c.models = ("s4-legs", "s4d-legs")
-            c.model.update(d_model=8, n_layers=1, d_state=16)
-            c.adding.update(length=64, steps=2, batch_size=4, eval_size=16, log_every=2)
-            c.digits.update(upsample=1, steps=2, batch_size=4, log_every=2)
-        elif token == "long":
-            c.adding.length = 4096
-            c.adding.steps = 3000
-            c.digits.upsample = 4
-            c.model.chunk_size = 512
-        elif token == "all_inits":
-            c.models = ("s4-legs", "s4d-legs", "s4d-lin", "s4d-inv", "s4d-random")
-    return c
+    return common.apply_arg(s4.defaults(), arg, VARIANTS)

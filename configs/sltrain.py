@@ -11,7 +11,7 @@ at lr 3e-3 (the official scripts). The official LLaMA-60M script uses r = 128, a
     python run.py --config=configs/sltrain.py:smoke
 """
 
-from experiments import lm
+from experiments import common, lm
 
 PAPER = {"llama_60m": (128, 32.0), "llama_130m": (256, 16.0), "llama_350m": (256, 16.0),
          "llama_1b": (512, 8.0)}
@@ -34,4 +34,4 @@ def get_config(arg=None):
     config.param.alpha = 8.0
     config.param.density = 0.03
     variants = {**lm.VARIANTS, **{name: _paper(name) for name in PAPER}}
-    return lm.apply_arg(config, arg, variants)
+    return common.apply_arg(config, arg, variants, inactive=lm.inactive_sections)

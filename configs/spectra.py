@@ -8,9 +8,9 @@ under AdamW / GaLore / LoRA, intruder dimensions of LoRA vs full fine-tuning, We
     python run.py --config=configs/spectra.py:finetune.lora_ranks=1+8+32,analysis.every=10
 """
 
-from experiments import lm, spectra
+from experiments import common, spectra
 
 
 def get_config(arg=None):
     config = spectra.defaults()
-    return lm.apply_arg(config, arg, spectra.VARIANTS)
+    return common.apply_arg(config, arg, spectra.VARIANTS)

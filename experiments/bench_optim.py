@@ -38,19 +38,41 @@ OPTIMIZERS = ("adamw", "optax_galore", "galore_svd_std", "galore_svd_reverse_std
 MODELS = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
 
 
-def _schema() -> ml_collections.ConfigDict:
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "bench_optim.py")
-    spec = importlib.util.spec_from_file_location("_bench_optim_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config()
+def defaults() -> ml_collections.ConfigDict:
+    """The config schema of ``bench_optim`` with the defaults (LLaMA-60M sets, minutes)."""
+    c = ml_collections.ConfigDict()
+    c.experiment = "bench_optim"
+    c.seed = 0
+    # Parameter sets: the shapes of lrx.models.llama presets (GaLore's llama_*.json); the
+    # projected leaves are the attention and MLP kernels (GaLore's recipe).
+    c.models = ("llama_60m",)
+    # GaLore paper ranks per size (Table 2 / scripts).
+    c.ranks = ml_collections.ConfigDict(dict(tiny=32, llama_60m=128, llama_130m=256,
+                                             llama_350m=256, llama_1b=512))
+    c.vocab_size = 32000
+    c.num_layers = 0               # 0: the preset's depth; >0 truncates (smoke)
+    c.update_proj_gap = 200
+    c.optimizers = OPTIMIZERS
+    c.repeats = 5                  # timed calls per measurement (fastest reported)
+    c.refresh_repeats = 2           # the first call after compiling pays one-off costs
+    c.oversample = 8               # randomized projector
+    c.power_iters = 1
+    c.density = 0.25               # frugal
+    c.train_step = ml_collections.ConfigDict(dict(
+        enabled=True, models=("tiny", "llama_60m"), batch_size=2, seq_len=64, repeats=3,
+        optimizers=("adamw", "optax_galore", "galore_randomized_reverse_std", "frugal",
+                    "fira", "apollo", "apollo_mini")))
+    # Compiled peak memory of a full f32 train step (unrolled layers, remat) from shapes only.
+    c.memory = ml_collections.ConfigDict(dict(
+        enabled=True, models=("llama_1b",), batch_size=1, seq_len=256, remat=True,
+        optimizers=("adamw", "optax_galore", "galore_svd_reverse_std", "fira_reverse_std",
+                    "fira", "frugal", "apollo", "apollo_mini")))
+    return c
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys, models, optimizers or non-positive counts."""
-    common.check_keys(config, _schema())
+    common.check_keys(config, defaults())
     if not config.models:
         raise ConfigError("config.models is empty; valid models: " + ", ".join(MODELS))
     for m in config.models:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import ast
 import difflib
 import json
 import math
@@ -82,6 +83,113 @@ def check_keys(config: Mapping[str, Any], schema: Mapping[str, Any], prefix: str
         if not isinstance(value, type(ref)):
             raise ConfigError(f"config.{path}={value!r} must be a {type(ref).__name__} "
                               f"(like the default {ref!r}).")
+
+
+# --- the config-argument grammar -------------------------------------------------------------
+# Every config file is ``get_config(arg)`` = its experiment's ``defaults()`` (the schema), its own
+# settings, then ``apply_arg(config, arg, VARIANTS)``: ``arg`` is comma-separated tokens, each a
+# named variant (a function ``config -> None``) or a typed ``KEY=VALUE``.
+
+
+def parse_value(old: Any, raw: str, key: str) -> Any:
+    """The text ``raw`` as a value of the type of ``old`` (the schema's current value of ``key``).
+
+    bool: ``true/false/1/0``; int; float; str as is; tuple/list: ``a+b+c`` (elements typed like
+    ``old``'s first element, strings when ``old`` is empty) or a Python literal ``(1, 2)``;
+    ``None``: a Python literal, else the text. Raises ConfigError naming the expected type.
+    """
+    try:
+        if isinstance(old, bool):
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if isinstance(old, int):
+            return int(raw)
+        if isinstance(old, float):
+            return float(raw)
+        if isinstance(old, str):
+            return raw
+        if isinstance(old, (tuple, list)):
+            text = raw.strip()
+            if text[:1] in ("(", "["):
+                value = ast.literal_eval(text)
+                items = list(value) if isinstance(value, (tuple, list)) else [value]
+            else:
+                element = old[0] if len(old) else ""
+                items = [parse_value(element, part, f"{key}[...]")
+                         for part in text.split("+") if part]
+            return type(old)(items)
+        try:
+            return ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            return raw
+    except ConfigError:
+        raise
+    except (ValueError, SyntaxError, TypeError):
+        kind = "'+'-separated tuple" if isinstance(old, (tuple, list)) else type(old).__name__
+        raise ConfigError(f"{key}={raw}: expected a {kind} (like the default {old!r})") from None
+
+
+def _leaves(config: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def set_key(config: ml_collections.ConfigDict, key: str, raw: str,
+            inactive: Sequence[str] = ()) -> str:
+    """Sets the leaf ``key`` of ``config`` from the text ``raw`` (typed by :func:`parse_value`);
+    returns the full dotted key. ``key`` is a dotted path or a bare suffix naming exactly one
+    leaf (``rank`` for ``optimizer.rank``); leaves under the section prefixes ``inactive`` lose
+    ties (``param.rank`` while no parameterization is chosen)."""
+    flat = _leaves(config)
+    matches = [k for k in flat if k == key] or [k for k in flat if k.endswith("." + key)]
+    if len(matches) > 1:
+        active = [k for k in matches if not any(k.startswith(p) for p in inactive)]
+        matches = active or matches
+    if len(matches) != 1:
+        if matches:
+            raise ConfigError(f"config argument {key}={raw}: ambiguous, matches "
+                              f"{', '.join(matches)}; write the full key.")
+        raise ConfigError(f"config argument {key}={raw}: no such key.{suggest(key, flat)} "
+                          f"Keys: {', '.join(sorted(flat))}.")
+    full = matches[0]
+    *parents, leaf = full.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    value = parse_value(node[leaf], raw, f"config argument {key}")
+    node[leaf] = value  # an existing key: allowed on a locked ConfigDict
+    return full
+
+
+def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
+              variants: Mapping[str, Any] | None = None,
+              inactive: Any = None) -> ml_collections.ConfigDict:
+    """Applies a config-file argument (``configs/NAME.py:ARG``) to ``config`` and returns it.
+
+    ``ARG`` is comma-separated tokens, applied left to right: a name of ``variants`` (a function
+    ``config -> None``, e.g. ``smoke`` or ``llama_60m``) or ``KEY=VALUE`` (see :func:`set_key`,
+    :func:`parse_value`: ``rank=64``, ``train.steps=7``, ``methods=adamw+lora``). ``inactive``:
+    an optional function ``config -> section prefixes`` that lose bare-key ties. An unknown
+    variant or key raises ConfigError naming the valid choices.
+    """
+    variants = dict(variants or {})
+    for token in (t.strip() for t in (arg or "").split(",") if t.strip()):
+        if "=" in token:
+            key, value = token.split("=", 1)
+            set_key(config, key.strip(), value.strip(), inactive(config) if inactive else ())
+        elif token in variants:
+            variants[token](config)
+        else:
+            raise ConfigError(f"unknown config argument {token!r}.{suggest(token, variants)} "
+                              f"Valid tokens: {', '.join(variants) or '(no variants)'}, or "
+                              "KEY=VALUE for any key of the config.")
+    return config
 
 
 # Keys that may differ between a run and its resumption: how long it runs and how often it logs,

@@ -146,55 +146,10 @@ def _schema() -> ml_collections.ConfigDict:
     return schema
 
 
-def apply_arg(config: ml_collections.ConfigDict, arg: str | None,
-              variants: dict[str, Any]) -> ml_collections.ConfigDict:
-    """Applies a config-file argument: comma-separated variant names (keys of ``variants``, each a
-    function ``config -> None``) and ``key=value`` settings (dotted path, or a bare key that names
-    exactly one leaf, e.g. ``rank=64``)."""
-    for token in (t.strip() for t in (arg or "").split(",") if t.strip()):
-        if "=" in token:
-            key, value = token.split("=", 1)
-            _set_leaf(config, key.strip(), value.strip())
-        elif token in variants:
-            variants[token](config)
-        else:
-            raise ConfigError(f"unknown config argument {token!r}.{common.suggest(token, variants)}"
-                              f" Valid: {', '.join(variants)} or KEY=VALUE.")
-    return config
-
-
-def _set_leaf(config: ml_collections.ConfigDict, key: str, value: str) -> None:
-    flat = _flatten(config)
-    matches = [k for k in flat if k == key or k.endswith("." + key)]
-    if len(matches) > 1 and config.get("param", {}).get("method", "none") == "none":
-        matches = [k for k in matches if not k.startswith("param.")]  # the inactive section
-    if len(matches) != 1:
-        raise ConfigError(f"config argument {key}={value}: "
-                          + ("ambiguous, matches " + ", ".join(matches) if matches else
-                             "no such key." + common.suggest(key, flat) +
-                             " Keys: " + ", ".join(sorted(flat))))
-    path = matches[0].split(".")
-    node = config
-    for part in path[:-1]:
-        node = node[part]
-    old = node[path[-1]]
-    try:
-        if isinstance(old, bool):
-            if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(value)
-            new: Any = value.lower() in ("true", "1")
-        elif isinstance(old, int):
-            new = int(value)
-        elif isinstance(old, float):
-            new = float(value)
-        elif isinstance(old, tuple):
-            new = tuple(v for v in value.split("+") if v)
-        else:
-            new = value
-    except ValueError:
-        raise ConfigError(f"config argument {key}={value}: expected a {type(old).__name__}"
-                          ) from None
-    node[path[-1]] = new
+def inactive_sections(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """Sections a bare config-argument key (``rank=64``) does not mean: ``param.`` while no
+    parameterization is chosen (for :func:`experiments.common.apply_arg`)."""
+    return ("param.",) if config.get("param", {}).get("method", "none") == "none" else ()
 
 
 def _flatten(config: Any, prefix: str = "") -> dict[str, Any]:
@@ -296,24 +251,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"optimizer.project={c.optimizer.project!r} is not a regex: {e}"
                               ) from None
         _build_optimizer_transform(c.optimizer, lambda step: 0.0, mask=None)  # checks kwargs
-    _maybe_init_distributed(c)
-    import jax
-
-    from lrx.train import sharding
-
-    try:
-        mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
-    except ValueError as e:
-        raise ConfigError(f"config.mesh: {e}") from None
-    dp = sharding.data_parallel_size(mesh)
     if c.train.batch_size % c.train.micro_batches:
         raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by "
                           f"train.micro_batches={c.train.micro_batches}")
-    micro = c.train.batch_size // c.train.micro_batches
-    if micro % dp:
-        raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / "
-                          f"train.micro_batches) is not divisible by the data-parallel size {dp} "
-                          f"(mesh data x fsdp over {jax.device_count()} devices)")
+    if not c.multihost:  # multi-host: the devices are known after jax.distributed (run time)
+        import jax
+
+        check_mesh(c, jax.device_count())
     if c.param.method != "none":
         _param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
         if c.model.scan_layers:
@@ -331,10 +275,34 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for target in c.analysis.targets:
             common.check_choice(target, ANALYSIS_TARGETS, "analysis.targets[...]")
         common.check_positive(c.analysis.energy_rank, "analysis.energy_rank")
+    _check_projection(c)
+
+
+def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> int:
+    """The data-parallel size (mesh ``data x fsdp``) of config ``c`` over ``num_devices``
+    devices, without building a mesh; raises ConfigError when the mesh does not fit the devices
+    or the micro-batch or eval windows do not split over it."""
+    data, fsdp = c.mesh.data, c.mesh.fsdp
+    if fsdp <= 0 or data < 0:
+        raise ConfigError(f"config.mesh: mesh.fsdp must be >= 1 and mesh.data >= 0 (0 = all "
+                          f"remaining devices), got data={data}, fsdp={fsdp}")
+    if data == 0 and num_devices % fsdp:
+        raise ConfigError(f"config.mesh: mesh.fsdp={fsdp} does not divide the {num_devices} "
+                          "available devices")
+    data = data or num_devices // fsdp
+    if data * fsdp != num_devices:
+        raise ConfigError(f"config.mesh: mesh data={data} x fsdp={fsdp} = {data * fsdp} devices, "
+                          f"but {num_devices} are available; set mesh.data=0 to use all")
+    dp = data * fsdp
+    micro = c.train.batch_size // c.train.micro_batches
+    if micro % dp:
+        raise ConfigError(f"the micro-batch of {micro} sequences (train.batch_size / "
+                          f"train.micro_batches) is not divisible by the data-parallel size {dp} "
+                          f"(mesh data x fsdp over {num_devices} devices)")
     if c.train.eval_windows % dp:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
-    _check_projection(c)
+    return dp
 
 
 def _check_finite(c: ml_collections.ConfigDict) -> None:
@@ -548,6 +516,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     wall0 = time.perf_counter()
     c = _merged(config)
     _maybe_init_distributed(c)
+    check_mesh(c, jax.device_count())
     try:
         corpus = load_corpus(c.data)
     except ValueError as e:

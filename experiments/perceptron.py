@@ -44,17 +44,37 @@ PAPER_TABLE1 = {("Normalized LR+GD", 100.0): 2, ("Normalized LR+GD", 10.0): 2,
                 ("Normalized LR+GD", 1.0): 16, ("Normalized LR+GD", 0.1): 157,
                 ("LR+GD", 100.0): 308}
 
-_SCHEMA = {
-    "experiment": "perceptron", "dtype": "float64", "gammas": (1.0,), "num_steps": 1,
-    "digits": {"positive": 1, "negative": 8},
-    "synthetic": {"n": 1, "d": 2, "mu": 0.1, "radius": 1.0, "spread": 1.0, "seed": 0},
-    "limit_gammas": (1.0,),
-    "two_point_gammas": (1.0,),
-    "worst_case": {"n": 2, "sizes": (2,), "normalized_gammas": (1.0,), "gammas": (1.0,),
-                   "num_steps": 1},
-    "classical_max_epochs": 1,
-    "budget": {"steps": (1,), "scales": (1.0,), "baseline_gamma": 1.0},
-}
+def defaults() -> ml_collections.ConfigDict:
+    """The config schema of ``perceptron`` with the defaults of the full study (about a minute)."""
+    config = ml_collections.ConfigDict()
+    config.experiment = "perceptron"
+    config.dtype = "float64"  # the limit studies need float64; 'float32' also runs
+    # Fig. 1 analogue and the digits / synthetic rows of Table 1: the paper's step-size grid.
+    config.gammas = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
+    config.num_steps = 4000
+    config.digits = ml_collections.ConfigDict({"positive": 1, "negative": 8})
+    config.synthetic = ml_collections.ConfigDict(
+        {"n": 1000, "d": 10, "mu": 0.01, "radius": 1.0, "spread": 0.02, "seed": 0})
+    # Thm 3.2: theta_t / gamma -> Batch Perceptron iterates (over the same horizons).
+    config.limit_gammas = (1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
+    # Thm 4.1: the two-point example.
+    config.two_point_gammas = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5, 1e6)
+    # Thm 5.1 / Table 1: the worst-case dataset.
+    config.worst_case = ml_collections.ConfigDict({
+        "n": 1000,
+        "sizes": (10, 30, 100, 300, 1000, 3000),
+        "normalized_gammas": (100.0, 10.0, 1.0, 0.1),
+        "gammas": (0.1, 1.0, 10.0, 100.0, 1e3, 1e6),
+        "num_steps": 2000,
+    })
+    config.classical_max_epochs = 2000
+    # Wu, Bartlett, Telgarsky & Yu (COLT 2024): gamma = c * T for a budget of T steps (digits).
+    config.budget = ml_collections.ConfigDict({
+        "steps": (100, 200, 400, 800, 1600, 3200),
+        "scales": (0.01, 0.1, 1.0),
+        "baseline_gamma": 1.0,
+    })
+    return config
 
 
 def _check_int(value: Any, key: str, minimum: int) -> None:
@@ -72,7 +92,7 @@ def _check_gammas(values: Any, key: str) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys, wrong types or impossible values."""
-    common.check_keys(config, _SCHEMA)
+    common.check_keys(config, defaults())
     common.check_choice(config.dtype, ("float64", "float32"), "dtype")
     _check_gammas(config.gammas, "gammas")
     _check_gammas(config.limit_gammas, "limit_gammas")

@@ -24,6 +24,25 @@ from experiments import common, lm
 from experiments.common import ConfigError
 
 SHARED = ("steps", "batch_size", "seq_len", "eval_windows", "seed")
+METHODS = ("adamw", "galore", "frugal", "fira", "lowrank", "lora", "relora", "sltrain")
+
+
+def defaults() -> ml_collections.ConfigDict:
+    """The config schema of ``pretrain_table``. ``runs`` holds one ``lm`` config per method
+    (``configs/<method>.py``, filled by ``configs/pretrain_table.py``; each is checked by
+    :func:`experiments.lm.validate`); the shared settings below override theirs."""
+    c = ml_collections.ConfigDict()
+    c.experiment = "pretrain_table"
+    c.model = "tiny"               # the lm preset of every run
+    c.steps = 100
+    c.batch_size = 12
+    c.seq_len = 128
+    c.eval_windows = 64
+    c.methods = METHODS
+    c.seed = 0
+    c.relora_segments = 4          # ReLoRA restarts per run
+    c.runs = ml_collections.ConfigDict()
+    return c
 
 
 def run_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
@@ -46,9 +65,11 @@ def run_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.C
 
 def validate(config: ml_collections.ConfigDict) -> None:
     """Checks the shared settings and every selected method's ``lm`` config."""
+    common.check_keys(config, defaults())
     for key in ("experiment", "methods", "model", "runs", "relora_segments", *SHARED):
         if key not in config:
             raise ConfigError(f"config.{key} is missing (see configs/pretrain_table.py)")
+    common.check_choice(config.model, lm.PRESET_NAMES, "model")
     for key in (*SHARED[:-1], "relora_segments"):
         common.check_positive(config[key], key)
     if not config.methods:

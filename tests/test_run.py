@@ -1,7 +1,7 @@
 """run.py: every config runs 2 steps (subprocess smoke tests) and user errors fail fast, cleanly."""
 
 import glob
-import importlib.util
+import importlib
 import json
 import os
 import subprocess
@@ -35,11 +35,7 @@ SLOW_SMOKE = {"adamw.py", "fira.py", "frugal.py", "lora.py", "lowrank.py", "relo
 
 
 def _load_config(name, arg):
-    spec = importlib.util.spec_from_file_location(f"_config_{name[:-3]}",
-                                                  os.path.join(ROOT, "configs", name))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return importlib.import_module(f"configs.{name[:-3]}").get_config(arg)
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -149,3 +145,24 @@ def test_workdir_of_another_config_is_refused_and_console_is_quiet(tmp_path):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["resumed_from"] is None and summary["steps"] == 2
     assert json.loads((workdir / "config.json").read_text())["optimizer"]["rank"] == 4
+
+
+# --- in-process: the command line's grammar (no subprocess, no JAX compile) -----------------------
+
+def test_space_separated_overrides_switch_the_section_like_equals():
+    import run
+
+    argv = ["run.py", "--config=configs/adamw.py:smoke", "--config.optimizer.name", "galore",
+            "--config.optimizer.rank", "8", "--config.train.resume", "--workdir=/tmp/x"]
+    kept, overrides = run.split_overrides(argv)
+    assert kept == ["run.py", "--config=configs/adamw.py:smoke", "--workdir=/tmp/x"]
+    assert overrides == [("optimizer.name", "galore"), ("optimizer.rank", "8"),
+                         ("train.resume", None)]
+    os.chdir(ROOT)
+    spaced, _ = run.build_config("configs/adamw.py:smoke", overrides)
+    equals, _ = run.build_config("configs/adamw.py:smoke", run.split_overrides(
+        ["--config.optimizer.name=galore", "--config.optimizer.rank=8"])[1])
+    assert spaced.optimizer.to_dict() == equals.optimizer.to_dict()
+    assert spaced.optimizer.name == "galore" and spaced.optimizer.rank == 8
+    # the section is GaLore's own defaults plus the command line (the file's AdamW keys are gone)
+    assert spaced.optimizer.update_proj_gap == 200 and spaced.optimizer.scale == 0.25

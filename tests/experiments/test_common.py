@@ -70,3 +70,63 @@ def test_resume_false_moves_the_old_run_aside(tmp_path):
 def test_fresh_workdir_is_accepted(tmp_path):
     assert common.prepare_workdir(str(tmp_path / "new"), CONFIG) is None
     assert common.prepare_workdir(str(tmp_path / "new"), CONFIG, resume=False) is None
+
+
+# --- the config-argument grammar (apply_arg / set_key / parse_value) ------------------------------
+
+def _grammar_config():
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.name = "x"
+    c.flag = False
+    c.train = ml_collections.ConfigDict(dict(steps=10, learning_rate=1e-3, ranks=(1, 4),
+                                             methods=("a", "b"), lambdas=(0.5,), empty=()))
+    c.optimizer = ml_collections.ConfigDict(dict(rank=8))
+    c.param = ml_collections.ConfigDict(dict(rank=4))
+    return c
+
+
+def test_values_are_typed_like_the_schema():
+    c = common.apply_arg(_grammar_config(), "steps=7,learning_rate=2,flag=true,name=y,"
+                         "ranks=1+8+32,methods=c,lambdas=0.25+1,empty=p+q")
+    assert c.train.steps == 7 and isinstance(c.train.steps, int)
+    assert c.train.learning_rate == 2.0 and isinstance(c.train.learning_rate, float)
+    assert c.flag is True and c.name == "y"
+    assert c.train.ranks == (1, 8, 32) and c.train.methods == ("c",)
+    assert c.train.lambdas == (0.25, 1.0) and c.train.empty == ("p", "q")
+    # the command line (--config.KEY=VALUE) also takes a Python literal for a tuple
+    assert common.parse_value((1, 4), "(2, 3)", "train.ranks") == (2, 3)
+    assert common.parse_value([1.0], "[2]", "x") == [2]
+
+
+def test_variants_apply_left_to_right():
+    calls = []
+
+    def v(c):
+        calls.append(c.train.steps)
+        c.train.steps = 99
+
+    c = common.apply_arg(_grammar_config(), "steps=3,v,steps=5", {"v": v})
+    assert calls == [3] and c.train.steps == 5
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("smok", r"unknown config argument 'smok'. Did you mean 'smoke'\? Valid tokens: smoke, or "
+             r"KEY=VALUE"),
+    ("stpes=3", r"config argument stpes=3: no such key. Did you mean 'train.steps'\?"),
+    ("rank=3", r"ambiguous, matches optimizer.rank, param.rank"),
+    ("steps=3.5", r"config argument steps=3.5: expected a int \(like the default 10\)"),
+    ("ranks=1+x", r"expected a int"),
+    ("flag=yes", r"expected a bool"),
+])
+def test_grammar_errors_name_the_choices(arg, message):
+    with pytest.raises(ConfigError, match=message):
+        common.apply_arg(_grammar_config(), arg, {"smoke": lambda c: None})
+
+
+def test_inactive_sections_lose_bare_key_ties():
+    c = common.apply_arg(_grammar_config(), "rank=3", inactive=lambda c: ("param.",))
+    assert c.optimizer.rank == 3 and c.param.rank == 4
+    c = common.apply_arg(_grammar_config(), "param.rank=2", inactive=lambda c: ("param.",))
+    assert c.param.rank == 2 and c.optimizer.rank == 8

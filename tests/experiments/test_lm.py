@@ -7,12 +7,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from experiments import lm
+from experiments import common, lm
 from experiments.common import ConfigError
 
 
 def _config(steps, arg="smoke", stop_at=0):
-    config = lm.apply_arg(lm.defaults(), arg, lm.VARIANTS)
+    config = common.apply_arg(lm.defaults(), arg, lm.VARIANTS, inactive=lm.inactive_sections)
     config.train.steps = steps
     config.train.stop_at = stop_at
     config.train.checkpoint_every = 0
@@ -47,16 +47,16 @@ def _leaves(tree):
 
 
 def test_config_arguments():
-    c = lm.apply_arg(lm.defaults(), "llama_60m,steps=7,learning_rate=0.5", lm.VARIANTS)
+    c = common.apply_arg(lm.defaults(), "llama_60m,steps=7,learning_rate=0.5", lm.VARIANTS)
     assert c.model.preset == "llama_60m" and c.train.steps == 7
     assert c.optimizer.learning_rate == 0.5 and c.data.seq_len == 256
 
 
 def test_config_argument_errors():
     with pytest.raises(ConfigError, match="unknown config argument 'smok'.*Did you mean 'smoke'"):
-        lm.apply_arg(lm.defaults(), "smok", lm.VARIANTS)
+        common.apply_arg(lm.defaults(), "smok", lm.VARIANTS)
     with pytest.raises(ConfigError, match="no such key"):
-        lm.apply_arg(lm.defaults(), "rnak=3", lm.VARIANTS)
+        common.apply_arg(lm.defaults(), "rnak=3", lm.VARIANTS)
 
 
 def test_validate_rejects_unknown_keys_and_bad_values():
