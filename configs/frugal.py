@@ -1,7 +1,12 @@
-"""FRUGAL pretraining (Zmushko et al., arXiv 2411.07837): Adam in a density-0.25 subspace of each
-attention/MLP matrix, signSGD on the rest, state reset at every refresh (the official scripts'
-settings: update_proj_gap 200, density 0.25; the official pretraining lr is 1e-3, the tiny CPU model
-uses 3e-3 like the AdamW baseline).
+"""FRUGAL pretraining (Zmushko et al., arXiv 2411.07837): Adam on a density-0.25 state-full part of
+the attention/MLP matrices, signSGD on the rest, state reset at every refresh.
+
+The paper variants (``llama_*``) follow the official pre-training scripts: ``--optimizer frugal``
+is the block-wise optimizer (whole matrices state-full, ``subspace='blocks'``,
+``block_order='descending'``), density 0.25, update_gap 200, lr 1e-3, eps 1e-8, no gradient
+clipping. The tiny CPU default keeps an SVD subspace (a per-matrix state-full part, whose
+optimizer state is really smaller; lrx's ``blocks`` keeps full-size zero state for inactive
+matrices) at lr 3e-3 like the AdamW baseline.
 
     python run.py --config=configs/frugal.py
     python run.py --config=configs/frugal.py:llama_60m

@@ -6,6 +6,10 @@ updates can reach high rank. Rank 32 on the tiny model, a restart every 150 of t
 steps (4 segments); the paper variants use the papers' ranks and a restart every 5000 steps / 10%
 of training, whichever is smaller, with re-warm 100.
 
+A restart zeroes the adapters' optimizer moments only (embedding, norm and LM-head moments are
+kept), as the official code (Guitaricet/relora). Paper variants: AdamW lr 1e-3 (torch eps 1e-8),
+gradient clipping at 1.0 (the ReLoRA code's --clip_grad_norm default; other recipes do not clip).
+
 Deviations from the paper: no full-rank warm start before the first restart and a full (not 99%
 magnitude-pruned) reset of the adapters' optimizer moments.
 
@@ -23,6 +27,7 @@ def _paper(name):
         lm.VARIANTS[name](c)  # the paper's setup, with its LoRA rank
         c.param.relora_every = min(5000, c.train.steps // 10)
         c.param.relora_warmup = 100
+        c.optimizer.grad_clip = 1.0  # ReLoRA's torchrun_main --clip_grad_norm default
     return apply
 
 

@@ -63,6 +63,7 @@ def optimizer_defaults(name: str) -> ml_collections.ConfigDict:
         c.state_free = "signsgd"
         c.state_free_lr_scale = 1.0
         c.reset_on_refresh = True
+        c.block_order = "random"   # subspace='blocks': which matrices are state-full first
     if name == "apollo":           # the official pre-training scripts' APOLLO (arXiv 2412.05270)
         c.rank = 256
         c.scale = 1.0              # APOLLO-Mini: rank 1, scale_type 'tensor', scale 128
@@ -419,11 +420,47 @@ def _param_factory(p: ml_collections.ConfigDict):
         raise ConfigError(f"config.param: {e}") from None
 
 
-def _relora_hook(p: ml_collections.ConfigDict, seed: int):
-    """Every p.relora_every steps: merge LoRA adapters into the base, re-initialise them and zero
-    the optimizer's float moments (counters are kept, so schedules continue)."""
+def adapter_mask(trainable: Any) -> Any:
+    """A tree like ``trainable`` (the trainable part of :func:`lrx.param.partition`): True at the
+    leaves inside factored nodes (the adapters), False at dense leaves (embeddings, norms, head)."""
+    import jax
+
+    import lrx.param
+
+    return jax.tree.map(lambda x: jax.tree.map(lambda _: True, x) if lrx.param.is_node(x)
+                        else False, trainable, is_leaf=lrx.param.is_node)
+
+
+def reset_adapter_moments(opt_state: Any, trainable: Any) -> Any:
+    """ReLoRA's optimizer reset: zeroes the adapters' entries of every optimizer-state subtree
+    shaped like the trainable parameters (Adam's ``mu`` and ``nu``); the moments of the dense
+    leaves (embeddings, norms, LM head), counters and any other state are returned unchanged.
+    As the official code (Guitaricet/relora: the reset visits only the LoRA parameters'
+    state), without its optional magnitude pruning."""
     import jax
     import jax.numpy as jnp
+
+    structure = jax.tree.structure(trainable)
+    mask = adapter_mask(trainable)
+    shapes = [jnp.shape(x) for x in jax.tree.leaves(trainable)]
+
+    def params_shaped(node: Any) -> bool:
+        return (jax.tree.structure(node) == structure
+                and [jnp.shape(x) for x in jax.tree.leaves(node)] == shapes)
+
+    def reset(node: Any) -> Any:
+        if params_shaped(node):
+            return jax.tree.map(lambda x, m: jnp.zeros_like(x) if m else x, node, mask)
+        return node
+
+    return jax.tree.map(reset, opt_state, is_leaf=params_shaped)
+
+
+def _relora_hook(p: ml_collections.ConfigDict, seed: int):
+    """Every p.relora_every steps: merge LoRA adapters into the base, re-initialise them and zero
+    the adapters' optimizer moments (:func:`reset_adapter_moments`; the dense leaves' moments and
+    the counters are kept, so schedules continue)."""
+    import jax
 
     import lrx.param
 
@@ -432,9 +469,8 @@ def _relora_hook(p: ml_collections.ConfigDict, seed: int):
         full = lrx.param.combine(state.params, state.frozen)
         key = jax.random.fold_in(jax.random.key(seed + 1), step)
         trainable, frozen = lrx.param.partition(lrx.param.merge_and_reinit(full, key))
-        zero = lambda x: jnp.zeros_like(x) if jnp.issubdtype(x.dtype, jnp.floating) else x
         return state.replace(params=trainable, frozen=frozen,
-                             opt_state=jax.tree_util.tree_map(zero, state.opt_state))
+                             opt_state=reset_adapter_moments(state.opt_state, trainable))
 
     def hook(step, state, batch):  # noqa: ARG001
         if step % p.relora_every:
@@ -472,7 +508,8 @@ def _build_optimizer_transform(o, schedule, mask):
                 opt = lrx.optim.frugal(schedule, density=o.density, subspace=o.subspace,
                                        state_free=o.state_free,
                                        state_free_lr_scale=o.state_free_lr_scale,
-                                       reset_on_refresh=o.reset_on_refresh, **common_kwargs)
+                                       reset_on_refresh=o.reset_on_refresh,
+                                       block_order=o.block_order, **common_kwargs)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.optimizer ({o.name}): {e}") from None
     if o.grad_clip:
@@ -721,11 +758,34 @@ def _smoke(c: ml_collections.ConfigDict) -> None:
         c.optimizer.rank = 8
 
 
-# The GaLore paper's pretraining setups (Table 2; App. C): sequence length 256, batch 512
-# sequences, 10% warmup, cosine to 10%; GaLore lr 0.01 (AdamW 1e-3), rank 128/256/256/512,
-# update_proj_gap 200, scale 0.25. Steps: 10K / 20K / 60K / 100K.
+# The GaLore paper's pretraining setups (Table 2; App. C; jiaweizzhao/GaLore
+# scripts/benchmark_c4/llama_*.sh): sequence length 256, batch 512 sequences, warm-up 10% of the
+# steps, cosine to 10%, weight decay 0. Steps 10K / 20K / 60K / 100K; ranks 128/256/256/512.
 PAPER_SETUPS = {"llama_60m": (10_000, 128), "llama_130m": (20_000, 256),
-          "llama_350m": (60_000, 256), "llama_1b": (100_000, 512)}
+                "llama_350m": (60_000, 256), "llama_1b": (100_000, 512)}
+# Each optimizer's settings in its official pre-training scripts (README "Recipes"); none of these
+# scripts clips gradients (their torchrun_main's --grad_clipping defaults to 0 and is not passed).
+#   adamw:  GaLore's `--optimizer adam` baseline = torch.optim.Adam (eps 1e-8), lr 1e-3.
+#   galore: galore_adamw, lr 0.01, galore_scale 0.25, update_proj_gap 200, GaLore's AdamW eps 1e-6.
+#   fira:   GaLore's recipe (xichen-fy/Fira): lr 0.01, T 200, alpha 0.25 (< 1B), 0.0625 (>= 1B).
+#   frugal: `--optimizer frugal` = block_adamw: density 0.25, block_order descending, gap 200,
+#           reset_statistics, sign_sgd with inactive_lr_scale 1, lr 1e-3, eps 1e-8 (FRUGAL scripts).
+#   apollo: apollo_adamw, lr 0.01, channel-wise, apollo_scale 1, proj random, gap 200, ranks
+#           128/256/256 (60M/130M/350M; APOLLO-Mini: rank 1, tensor-wise, scale 128).
+PAPER_OPTIMIZERS: dict[str, dict[str, Any]] = {
+    "adamw": dict(learning_rate=1e-3, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0),
+    "galore": dict(learning_rate=1e-2, eps=1e-6, b1=0.9, b2=0.999, weight_decay=0.0, scale=0.25,
+                   update_proj_gap=200, proj_type="std"),
+    "fira": dict(learning_rate=1e-2, eps=1e-6, b1=0.9, b2=0.999, weight_decay=0.0, scale=0.25,
+                 update_proj_gap=200, proj_type="std"),
+    "frugal": dict(learning_rate=1e-3, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0,
+                   density=0.25, subspace="blocks", block_order="descending",
+                   update_proj_gap=200, state_free="signsgd", state_free_lr_scale=1.0,
+                   reset_on_refresh=True),
+    "apollo": dict(learning_rate=1e-2, eps=1e-6, b1=0.9, b2=0.999, weight_decay=0.0,
+                   update_proj_gap=200, proj_type="std"),
+}
+FIRA_SCALE_1B = 0.0625  # Fira's alpha for models >= 1B
 
 
 def _paper(preset_name: str):
@@ -737,10 +797,16 @@ def _paper(preset_name: str):
         c.train.batch_size, c.train.steps = 512, steps
         c.train.eval_every = c.train.checkpoint_every = 1000
         c.train.log_every = 50
-        c.optimizer.warmup_steps = steps // 10
-        c.optimizer.learning_rate = 1e-3 if c.optimizer.name == "adamw" else 1e-2
-        if "rank" in c.optimizer:
-            c.optimizer.rank = rank
+        o = c.optimizer
+        o.warmup_steps = steps // 10
+        o.min_lr_ratio = 0.1
+        o.grad_clip = 0.0
+        for key, value in PAPER_OPTIMIZERS.get(o.name, {}).items():
+            o[key] = value
+        if o.name == "fira" and preset_name == "llama_1b":
+            o.scale = FIRA_SCALE_1B
+        if "rank" in o and not (o.name == "apollo" and o.get("scale_type") == "tensor"):
+            o.rank = rank  # (APOLLO-Mini keeps its rank 1)
         if c.param.method != "none":  # GaLore's Table 2 baselines use the same ranks
             c.param.rank = rank
     return apply

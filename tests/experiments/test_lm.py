@@ -217,3 +217,106 @@ def test_abbreviated_keys_get_a_suggestion():
     assert suggest("wd", keys) == " Did you mean 'weight_decay'?"
     assert suggest("rnak", keys) == " Did you mean 'rank'?"
     assert suggest("zzz", keys) == ""
+
+
+# --- recipes: ReLoRA's restart and the paper variants' hyperparameters ----------------------------
+
+def _relora_state():
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lrx.param
+    from lrx.train import loop
+
+    key = jax.random.key(0)
+    params = {"embed": jax.random.normal(key, (10, 4)),
+              "layers_0": {"attn": {"q": {"kernel": jax.random.normal(jax.random.key(1), (4, 6))}},
+                           "norm": jnp.ones((4,))}}
+    params = lrx.param.apply(params, [(r".*attn/q/kernel", lrx.param.lora(rank=2))], key)
+    trainable, frozen = lrx.param.partition(params)
+    b1, b2 = 0.9, 0.999
+    optimizer = optax.chain(optax.clip_by_global_norm(1e6), optax.adamw(1e-3, b1=b1, b2=b2))
+    state = loop.create_state(trainable, optimizer, seed=0, frozen=frozen)
+    grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), trainable)
+    _, opt_state = optimizer.update(grads, state.opt_state, trainable)
+    return state.replace(opt_state=opt_state), b1, b2
+
+
+def test_relora_restart_resets_only_the_adapters_moments():
+    import jax
+
+    state, b1, b2 = _relora_state()
+    hook = lm._relora_hook(ml_collections_dict(relora_every=3), seed=0)
+    restarted, record = hook(3, state, None)
+    assert record == {"relora_restart": 1}
+    adam = restarted.opt_state[1][0]
+    # One Adam step from zero with gradient 0.5: mu = (1 - b1) 0.5, nu = (1 - b2) 0.25 (closed
+    # form) on the dense leaves; the adapters' moments are zero after the restart.
+    np.testing.assert_allclose(np.asarray(adam.mu["embed"]), (1 - b1) * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(adam.nu["embed"]), (1 - b2) * 0.25, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(adam.mu["layers_0"]["norm"]), (1 - b1) * 0.5,
+                               rtol=1e-6)
+    lora_mu = adam.mu["layers_0"]["attn"]["q"]["kernel"]
+    lora_nu = adam.nu["layers_0"]["attn"]["q"]["kernel"]
+    leaves = jax.tree.leaves(lora_mu) + jax.tree.leaves(lora_nu)
+    assert len(leaves) == 4 and all(np.all(np.asarray(x) == 0) for x in leaves)
+    before = state.opt_state[1][0]
+    assert all(np.all(np.asarray(x) != 0) for x in jax.tree.leaves(
+        before.mu["layers_0"]["attn"]["q"]["kernel"]))  # they were not zero before
+    assert int(adam.count) == int(before.count) == 1  # counters kept: schedules continue
+    # and the adapters themselves were merged and re-initialised (LoRA b = 0 again)
+    assert np.all(np.asarray(restarted.params["layers_0"]["attn"]["q"]["kernel"].b) == 0)
+
+
+def ml_collections_dict(**kv):
+    import ml_collections
+
+    return ml_collections.ConfigDict(kv)
+
+
+PAPER_CONFIGS = ("adamw", "galore", "fira", "frugal", "apollo", "lowrank", "lora", "sltrain")
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+@pytest.mark.parametrize("size", sorted(lm.PAPER_SETUPS))
+def test_paper_variants_do_not_clip(name, size):
+    import importlib
+
+    c = importlib.import_module(f"configs.{name}").get_config(size)
+    assert c.optimizer.grad_clip == 0.0
+    assert c.model.preset == size and c.data.seq_len == 256 and c.train.batch_size == 512
+    assert c.optimizer.min_lr_ratio == 0.1 and c.optimizer.weight_decay == 0.0
+    assert c.optimizer.warmup_steps == c.train.steps // 10 or name == "sltrain"
+    lm.validate(c)  # the recipe is a valid config (e.g. FRUGAL's block_order reaches lrx.optim)
+
+
+def test_paper_variants_follow_the_official_scripts():
+    import importlib
+
+    def get(name, arg):
+        return importlib.import_module(f"configs.{name}").get_config(arg)
+
+    f = get("frugal", "llama_60m").optimizer  # FRUGAL scripts: block_adamw, descending
+    assert (f.subspace, f.block_order, f.learning_rate, f.eps, f.density, f.update_proj_gap,
+            f.state_free, f.reset_on_refresh) == ("blocks", "descending", 1e-3, 1e-8, 0.25, 200,
+                                                  "signsgd", True)
+    g = get("galore", "llama_130m")
+    assert (g.optimizer.learning_rate, g.optimizer.scale, g.optimizer.rank,
+            g.optimizer.update_proj_gap, g.train.steps, g.optimizer.warmup_steps) == (
+        0.01, 0.25, 256, 200, 20_000, 2_000)
+    assert get("fira", "llama_350m").optimizer.scale == 0.25
+    assert get("fira", "llama_1b").optimizer.scale == 0.0625
+    a = get("apollo", "llama_60m").optimizer
+    assert (a.learning_rate, a.rank, a.scale, a.scale_type) == (0.01, 128, 1.0, "channel")
+    for arg in ("mini,llama_60m", "llama_60m,mini"):
+        m = get("apollo", arg).optimizer
+        assert (m.rank, m.scale, m.scale_type) == (1, 128.0, "tensor")
+    w = get("adamw", "llama_60m").optimizer
+    assert (w.learning_rate, w.eps) == (1e-3, 1e-8)
+    s = get("sltrain", "llama_130m")
+    assert (s.param.rank, s.param.alpha, s.train.steps, s.optimizer.warmup_steps,
+            s.optimizer.learning_rate) == (256, 16.0, 22_000, 2_200, 3e-3)
+    r = get("relora", "llama_60m")
+    assert r.optimizer.grad_clip == 1.0 and r.param.relora_warmup == 100  # ReLoRA's own code
+    assert r.param.relora_every == 1000 and r.param.rank == 128
