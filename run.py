@@ -95,22 +95,33 @@ def main(argv: list[str]) -> int:
     install_log_filter()
     if len(argv) > 1:
         _fail(f"unexpected positional arguments: {' '.join(argv[1:])}")
-    from experiments.common import RESUME_KEYS, ConfigError, prepare_workdir, to_dict, write_json
+    from experiments.common import ConfigError
 
-    config_arg, overrides = _PARSED["config_arg"], _PARSED["overrides"]
     try:
-        config, module = build_config(config_arg, overrides)
-        if hasattr(module, "validate"):
-            module.validate(config)
-        workdir = _WORKDIR.value or default_workdir(config_arg)
-        train = config.get("train", {})
-        moved = prepare_workdir(workdir, to_dict(config), resume=train.get("resume", True),
-                                ignore=getattr(module, "RESUME_KEYS", RESUME_KEYS))
+        summary = execute(_PARSED["config_arg"], _PARSED["overrides"], _WORKDIR.value)
     except ConfigError as e:
         _fail(str(e))
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def execute(config_arg: str, overrides: list[tuple[str, str | None]],
+            workdir: str | None = None) -> dict:
+    """Everything ``run.py`` does after parsing its flags, in this process: builds the config
+    (:func:`build_config`), validates it, checks the workdir (default
+    :func:`default_workdir`), writes ``config.json`` and ``overrides.json``, limits the host BLAS
+    threads and returns ``run(config, workdir)``. User errors raise ConfigError."""
+    from experiments.common import RESUME_KEYS, prepare_workdir, to_dict, write_json
+
+    config, module = build_config(config_arg, overrides)
+    if hasattr(module, "validate"):
+        module.validate(config)
+    workdir = workdir or default_workdir(config_arg)
+    train = config.get("train", {})
+    moved = prepare_workdir(workdir, to_dict(config), resume=train.get("resume", True),
+                            ignore=getattr(module, "RESUME_KEYS", RESUME_KEYS))
     if moved:
         logging.warning("train.resume=False: moved the previous run in %s to %s", workdir, moved)
-
     os.makedirs(workdir, exist_ok=True)
     write_json(os.path.join(workdir, "config.json"), to_dict(config))
     write_json(os.path.join(workdir, "overrides.json"),
@@ -120,12 +131,7 @@ def main(argv: list[str]) -> int:
     from lrx.train.loop import limit_blas_threads
 
     limit_blas_threads(1)  # scipy's OpenBLAS threads spin against XLA's (see the function)
-    try:
-        summary = module.run(config, workdir)
-    except ConfigError as e:
-        _fail(str(e))
-    print(json.dumps(summary, indent=2, default=str))
-    return 0
+    return module.run(config, workdir)
 
 
 def build_config(config_arg: str, overrides: list[tuple[str, str | None]]):

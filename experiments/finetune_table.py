@@ -31,7 +31,7 @@ from typing import Any
 
 import ml_collections
 
-from experiments import common, finetuning
+from experiments import common, finetuning, lm
 from experiments.common import ConfigError
 
 METHODS = ("full", "lora", "rslora", "pissa", "olora", "lora_ga", "lora_sb", "eva", "dora",
@@ -176,10 +176,17 @@ class _Setup:
         return lambda step: text.sample_batch(tokens, seed, step, batch_size, seq_len)
 
 
+def _adamw_section(grad_clip: float) -> ml_collections.ConfigDict:
+    """The LM builder's AdamW section as this study uses it: betas (0.9, 0.999), eps 1e-6, no
+    weight decay (the learning rate comes from the study's own schedule)."""
+    o = lm.optimizer_defaults("adamw")
+    o.update(b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0, grad_clip=grad_clip)
+    return o
+
+
 def _pretrained(setup: _Setup, workdir: str) -> Any:
     """The AdamW-pretrained params, cached as ``pretrained.msgpack`` in the workdir."""
     import jax
-    import optax
     from flax import serialization
 
     c = setup.c
@@ -189,8 +196,7 @@ def _pretrained(setup: _Setup, workdir: str) -> Any:
             return serialization.from_bytes(jax.device_get(setup.init_params), f.read())
     p = c.pretrain
     sched = finetuning.schedule(p.learning_rate, p.warmup_steps, p.steps, p.min_lr_ratio)
-    opt = optax.chain(optax.clip_by_global_norm(1.0),
-                      optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0))
+    opt = lm.optimizer_transform(_adamw_section(grad_clip=1.0), sched, mask=None)
     def loss_fn(params, fz, batch, rng):  # noqa: ARG001
         return setup.dense_loss(params, batch), {}
 
@@ -256,7 +262,7 @@ def _pieces(setup: _Setup, method: str, base: Any, paths: list[str]):
           "randlora": f.random_basis_learning_rate, "nola": f.random_basis_learning_rate
           }.get(method, f.learning_rate)
     sched = finetuning.schedule(lr, f.warmup_steps, f.steps, 1.0)
-    adamw = optax.adamw(sched, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0)
+    adamw = lm.optimizer_transform(_adamw_section(grad_clip=0.0), sched, mask=None)
     key = jax.random.key(c.seed + 7)
     stats = None
     factories = {

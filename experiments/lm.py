@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
@@ -101,7 +102,8 @@ def defaults() -> ml_collections.ConfigDict:
     # optimizer moments and re-warms the learning rate over relora_warmup steps (ReLoRA).
     c.param = ml_collections.ConfigDict(dict(
         method="none", include=PROJECT_ATTN_MLP, rank=32, alpha=0.0, rslora=False, init="",
-        density=0.03, num_basis_a=1024, num_basis_b=1024, relora_every=0, relora_warmup=50))
+        density=0.03, num_basis_a=1024, num_basis_b=1024, relora_every=0, relora_warmup=50,
+        sora_threshold=3e-4))  # SoRA's proximal xi (the official scripts' sparse_lambda_2)
     # Spectral diagnostics every `every` steps (0 = off, no cost): metrics of lrx.analysis for the
     # gradients and/or weights of the matrices matching `paths` (energy_rank = r of top_r_energy),
     # logged to metrics.jsonl.
@@ -251,7 +253,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         except re.error as e:
             raise ConfigError(f"optimizer.project={c.optimizer.project!r} is not a regex: {e}"
                               ) from None
-        _build_optimizer_transform(c.optimizer, lambda step: 0.0, mask=None)  # checks kwargs
+        optimizer_transform(c.optimizer, lambda step: 0.0, mask=None)  # checks kwargs
     if c.train.batch_size % c.train.micro_batches:
         raise ConfigError(f"train.batch_size={c.train.batch_size} is not divisible by "
                           f"train.micro_batches={c.train.micro_batches}")
@@ -260,7 +262,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
         check_mesh(c, jax.device_count())
     if c.param.method != "none":
-        _param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
+        param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
         if c.model.scan_layers:
             raise ConfigError("param.method needs 2-D kernels: model.scan_layers=True stacks them "
                               "to (layers, m, n); set model.scan_layers=False")
@@ -399,20 +401,29 @@ def rank_report(rank: int, projected: dict[str, tuple[int, ...]],
                   f"optimizer.rank below {smallest} to reduce all")
 
 
-PARAM_METHODS = ("none", "lowrank", "lora", "dora", "sltrain", "nola", "randlora", "vera")
+# lrx.param methods the builder supports for training from a config (LoRA's PiSSA / OLoRA inits
+# through param.init, rsLoRA through param.rslora). LoRA-GA, EVA and LoRA-SB initialise from data
+# statistics of a trained base: they are in the fine-tuning study (configs/finetune_table.py).
+PARAM_METHODS = ("none", "lowrank", "lora", "dora", "sltrain", "nola", "randlora", "vera", "sora",
+                 "dylora")
+DATA_INIT_METHODS = ("lora_ga", "eva", "lora_sb")
 
 
-def _param_factory(p: ml_collections.ConfigDict):
+def param_factory(p: ml_collections.ConfigDict):
     """The lrx.param factory for the param section (only the arguments the method takes)."""
     import inspect
 
     import lrx.param
 
+    if p.method in DATA_INIT_METHODS:
+        raise ConfigError(f"config.param.method={p.method!r} initialises from data statistics of "
+                          "a trained base; use configs/finetune_table.py. Valid choices here: "
+                          + ", ".join(map(repr, PARAM_METHODS)) + ".")
     common.check_choice(p.method, PARAM_METHODS, "param.method")
     candidates = {"rank": p.rank, "alpha": p.alpha or None, "rslora": p.rslora,
                   "init": p.init or None, "density": p.density, "num_basis_a": p.num_basis_a,
                   "num_basis_b": p.num_basis_b}
-    accepted = inspect.signature(getattr(lrx.param, p.method)).parameters
+    accepted = inspect.signature(lrx.param.FACTORIES[p.method]).parameters
     kwargs = {k: v for k, v in candidates.items() if k in accepted and v is not None}
     try:
         return lrx.param.factory(p.method, **kwargs)
@@ -480,8 +491,9 @@ def _relora_hook(p: ml_collections.ConfigDict, seed: int):
     return hook
 
 
-def _build_optimizer_transform(o, schedule, mask):
-    """The optax transformation for optimizer section ``o`` (AdamW or an lrx.optim method)."""
+def optimizer_transform(o: ml_collections.ConfigDict, schedule: Any, mask: Any):
+    """The optax transformation for optimizer section ``o`` (AdamW or an lrx.optim method, with
+    global-norm clipping when ``o.grad_clip > 0``); ``mask``: the projected leaves (lrx.optim)."""
     import optax
 
     if o.name == "adamw":
@@ -540,86 +552,134 @@ def load_corpus(d: ml_collections.ConfigDict):
                         train_bytes=d.hf_train_bytes, val_bytes=d.hf_val_bytes)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains, evaluates and writes the workdir; returns the summary dict."""
-    import jax
+@dataclasses.dataclass
+class Setup:
+    """Everything :func:`build` makes from an ``lm`` config: the pieces of a training run."""
+
+    config: ml_collections.ConfigDict  # defaults() merged with the config
+    corpus: Any                        # lrx.data.text corpus (train / val byte arrays)
+    mesh: Any                          # the (data, fsdp) device mesh
+    model: Any                         # the flax Llama module
+    model_config: Any                  # its LlamaConfig
+    params: Any                        # trainable parameters (dense, or lrx.param nodes' parts)
+    frozen: Any                        # frozen parts of lrx.param nodes ({} when dense)
+    schedule: Callable                 # step -> learning rate
+    optimizer: Any                     # the optax transformation
+    loss_fn: Callable                  # (params, frozen, batch (B, L+1), rng) -> (loss, aux)
+    eval_fn: Callable                  # (params, frozen, batch) -> {"loss": loss}
+    eval_batches: list                 # held-out windows, (B, L+1) each
+    batch_fn: Callable                 # step -> training batch (B, L+1), pure in (seed, step)
+    hooks: list                        # training-loop hooks (ReLoRA restarts, spectra logging)
+
+
+def make_schedule(o: ml_collections.ConfigDict, steps: int,
+                  p: ml_collections.ConfigDict | None = None) -> Callable:
+    """Linear warm-up over ``o.warmup_steps`` to ``o.learning_rate``, cosine decay to
+    ``o.min_lr_ratio`` of it at ``steps``; with ``p.relora_every`` ReLoRA's jagged re-warm-up over
+    ``p.relora_warmup`` steps after every restart."""
     import jax.numpy as jnp
-    import numpy as np
     import optax
 
-    from lrx.data import text
-    from lrx.train import loop, sharding
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps, steps - 1),
+        decay_steps=steps, end_value=o.learning_rate * o.min_lr_ratio)
+    if p is None or not p.get("relora_every", 0):
+        return schedule
+    every, rewarm = p.relora_every, p.relora_warmup
 
-    wall0 = time.perf_counter()
+    def jagged(t):
+        since = jnp.mod(t, every)
+        jag = jnp.where(t >= every, jnp.minimum(1.0, (since + 1) / max(rewarm, 1)), 1.0)
+        return schedule(t) * jag
+
+    return jagged
+
+
+def parameterize(params: Any, p: ml_collections.ConfigDict, key: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: the matrices matching ``p.include`` replaced by ``p.method``'s
+    lrx.param nodes (initialised from the dense ones with ``key``), split by
+    :func:`lrx.param.partition`; ``(params, {})`` for ``p.method='none'``."""
+    import lrx.param
+
+    if p.method == "none":
+        return params, {}
+    tree = lrx.param.apply(params, [(p.include, param_factory(p))], key)
+    return lrx.param.partition(tree)
+
+
+def loss_functions(model: Any, p: ml_collections.ConfigDict) -> tuple[Callable, Callable]:
+    """``(loss_fn, eval_fn)``: mean next-byte cross-entropy of ``model`` on the combined
+    parameters (DyLoRA: one rank ``b ~ U{1..r}`` per training step from the loop's key)."""
+    import optax
+
+    import lrx.param
+
+    factored, dylora, rank = p.method != "none", p.method == "dylora", p.rank
+
+    def loss_fn(params, frozen, batch, rng):
+        if dylora and rng is not None:
+            frozen = lrx.param.set_rank(frozen, lrx.param.dylora_sample_rank(rng, rank))
+        full = lrx.param.combine(params, frozen) if factored else params
+        logits = model.apply({"params": full}, batch[:, :-1])
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+        return loss, {}
+
+    def eval_fn(params, frozen, batch):
+        return {"loss": loss_fn(params, frozen, batch, None)[0]}
+
+    return loss_fn, eval_fn
+
+
+def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
+    """Data, model, parameterization and optimizer of an ``lm`` config (the one LM builder, used by
+    :func:`run`, the pretraining table and the studies). Starts ``jax.distributed`` when
+    ``config.multihost`` and builds the mesh; ``corpus`` reuses an already loaded corpus."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import lrx.optim
+    import lrx.param
+    from lrx.data import text
+    from lrx.train import sharding
+
     c = _merged(config)
     _maybe_init_distributed(c)
     check_mesh(c, jax.device_count())
-    try:
-        corpus = load_corpus(c.data)
-    except ValueError as e:
-        raise ConfigError(f"config.data: {e}") from None
+    if corpus is None:
+        try:
+            corpus = load_corpus(c.data)
+        except ValueError as e:
+            raise ConfigError(f"config.data: {e}") from None
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     model, model_cfg = build_model(c, text.VOCAB_SIZE)
     seq_len, batch_size = c.data.seq_len, c.train.batch_size
     init_key = jax.random.key(c.seed)
     params = jax.jit(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"])(
         init_key)
-    frozen: Any = {}
-    if c.param.method != "none":
-        import lrx.param
-
-        rules = [(c.param.include, _param_factory(c.param))]
-        params = lrx.param.apply(params, rules, jax.random.fold_in(init_key, 1))
-        params, frozen = lrx.param.partition(params)
+    params, frozen = parameterize(params, c.param, jax.random.fold_in(init_key, 1))
 
     o = c.optimizer
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=o.learning_rate, warmup_steps=min(o.warmup_steps,
-                                                                     c.train.steps - 1),
-        decay_steps=c.train.steps, end_value=o.learning_rate * o.min_lr_ratio)
-    if c.param.relora_every:
-        base_schedule, every, rewarm = schedule, c.param.relora_every, c.param.relora_warmup
-
-        def schedule(t):  # ReLoRA's jagged schedule: re-warm after every restart
-            since = jnp.mod(t, every)
-            jag = jnp.where(t >= every, jnp.minimum(1.0, (since + 1) / max(rewarm, 1)), 1.0)
-            return base_schedule(t) * jag
+    schedule = make_schedule(o, c.train.steps, c.param)
     mask = None
     if o.name != "adamw":
-        import lrx.optim
-
         mask = lrx.optim.path_mask(params, o.project)
-    if mask is not None and not any(jax.tree_util.tree_leaves(mask)):
-        raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter paths "
-                          "look like 'layers_0/attn/q/kernel'")
-    optimizer = _build_optimizer_transform(o, schedule, mask)
-    state = loop.create_state(params, optimizer, seed=c.seed, frozen=frozen)
+        if not any(jax.tree_util.tree_leaves(mask)):
+            raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter "
+                              "paths look like 'layers_0/attn/q/kernel'")
+    optimizer = optimizer_transform(o, schedule, mask)
+    if c.param.method == "sora":  # SoRA's proximal step on the gates, after the optimizer
+        optimizer = optax.chain(optimizer, lrx.param.sora_proximal(c.param.sora_threshold))
+    loss_fn, eval_fn = loss_functions(model, c.param)
 
-    if c.param.method != "none":
-        import lrx.param
-
-        def full_params(p, fz):
-            return lrx.param.combine(p, fz)
-    else:
-        def full_params(p, fz):  # noqa: ARG001
-            return p
-
-    def loss_fn(p, fz, batch, rng):  # noqa: ARG001 - deterministic model
-        logits = model.apply({"params": full_params(p, fz)}, batch[:, :-1])
-        loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-        return loss, {}
-
-    def eval_fn(p, fz, batch):
-        return {"loss": loss_fn(p, fz, batch, None)[0]}
-
+    dp = sharding.data_parallel_size(mesh)
     eval_set = text.eval_windows(corpus.val, seq_len, c.train.eval_windows)
-    eval_set = eval_set[: (len(eval_set) // sharding.data_parallel_size(mesh))
-                        * sharding.data_parallel_size(mesh)]
+    eval_set = eval_set[: (len(eval_set) // dp) * dp]
     eval_batches = [eval_set[i:i + batch_size] for i in range(0, len(eval_set), batch_size)]
-    eval_batches = [b for b in eval_batches if len(b) % sharding.data_parallel_size(mesh) == 0]
+    eval_batches = [b for b in eval_batches if len(b) % dp == 0]
     data_seed = c.data.seed
 
-    def batch_fn(step: int) -> np.ndarray:
+    def batch_fn(step: int):
         return text.sample_batch(corpus.train, data_seed, step, batch_size, seq_len)
 
     hooks = []
@@ -627,6 +687,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         hooks.append(_relora_hook(c.param, c.seed))
     if c.analysis.every:
         hooks.append(_analysis_hook(c.analysis, loss_fn))
+    return Setup(config=c, corpus=corpus, mesh=mesh, model=model, model_config=model_cfg,
+                 params=params, frozen=frozen, schedule=schedule, optimizer=optimizer,
+                 loss_fn=loss_fn, eval_fn=eval_fn, eval_batches=eval_batches, batch_fn=batch_fn,
+                 hooks=hooks)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains, evaluates and writes the workdir; returns the summary dict."""
+    import jax
+
+    from lrx.train import loop
+
+    wall0 = time.perf_counter()
+    s = build(config)
+    c, corpus, mesh, o = s.config, s.corpus, s.mesh, s.config.optimizer
+    seq_len, batch_size = c.data.seq_len, c.train.batch_size
+    state = loop.create_state(s.params, s.optimizer, seed=c.seed, frozen=s.frozen)
+    model_cfg, schedule, optimizer = s.model_config, s.schedule, s.optimizer
+    loss_fn, eval_fn, eval_batches, batch_fn, hooks = (s.loss_fn, s.eval_fn, s.eval_batches,
+                                                       s.batch_fn, s.hooks)
 
     info = corpus.info()
     log.info("corpus %s: %d train bytes, %d val bytes, fingerprint %s", info["corpus"],

@@ -28,8 +28,8 @@ in its own sub-directory, so each has its ``metrics.jsonl`` and resumes from its
    reduction ratio and the effective rank of its gradients late in pretraining (WeLore's claim:
    low-rank weights emerge where gradients are low rank).
 
-Methods whose library is not importable (``lrx.optim.galore``, ``lrx.param.lora``) are skipped and
-listed under ``skipped`` in the summary. Outputs: ``summary.json``, ``pretrain.md``,
+Every run's data, model, parameterization and optimizer come from the LM builder's pieces
+(``experiments.lm``). Outputs: ``summary.json``, ``pretrain.md``,
 ``finetune.md``, ``welore.md``, ``heatmap_*.png``, ``intruders.png``, ``welore.png``.
 """
 
@@ -41,9 +41,15 @@ import os
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import optax
 
-from experiments import common, finetuning
+import lrx.optim
+import lrx.param
+from experiments import common, finetuning, lm
 from experiments.common import ConfigError
 from experiments.finetuning import flat as _flat
 from experiments.finetuning import matrix_paths as _matrix_paths
@@ -51,6 +57,10 @@ from experiments.finetuning import per_shape as _per_shape
 from experiments.finetuning import schedule as _schedule
 from experiments.finetuning import train as _train
 from experiments.finetuning import update_spectra
+from lrx.data import text
+from lrx.models.llama import Llama
+from lrx.paths import path_str
+from lrx.train import loop, sharding
 
 METHODS = ("adamw", "galore", "lora")
 FINETUNE_METHODS = ("full", "lora")
@@ -172,29 +182,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _lora_api():
-    """``lrx.param``'s LoRA functions, or the reason they are unavailable."""
-    try:
-        import lrx.param as P
-    except ImportError as e:  # pragma: no cover - lrx.param always imports
-        return None, str(e)
-    missing = [n for n in ("lora", "apply", "partition", "combine", "materialize")
-               if not hasattr(P, n)]
-    if missing:
-        return None, f"lrx.param lacks {', '.join(missing)}"
-    return P, ""
-
-
-def _galore_api():
-    try:
-        import lrx.optim as optim
-    except ImportError as e:  # pragma: no cover
-        return None, str(e)
-    if not hasattr(optim, "galore"):
-        return None, "lrx.optim lacks galore"
-    return optim, ""
-
-
 def _matrix_label(path: str) -> str:
     """'layers_3/attn/q/kernel' -> 'L3 attn.q'."""
     parts = path.split("/")
@@ -206,15 +193,6 @@ class _Setup:
     """Data, model and loss functions shared by all runs."""
 
     def __init__(self, c: ml_collections.ConfigDict):
-        import jax
-        import jax.numpy as jnp
-        import numpy as np
-        import optax
-
-        from lrx.data import text
-        from lrx.models.llama import Llama
-        from lrx.train import sharding
-
         self.c = c
         held_out = (*c.data.val_plays, c.data.finetune_play)
         self.pretrain_tokens = text.load_shakespeare(held_out).train
@@ -288,8 +266,6 @@ class _Setup:
         return float(self.np.mean([float(self._dense_eval(params, b)) for b in batches]))
 
     def batch_fn(self, tokens, batch_size: int):
-        from lrx.data import text
-
         seed, seq_len = self.c.data.seed, self.seq_len
         return lambda step: text.sample_batch(tokens, seed, step, batch_size, seq_len)
 
@@ -360,64 +336,38 @@ def _method_pieces(setup: _Setup, method: str, params, *, learning_rate: float, 
                    warmup: int, min_ratio: float, grad_clip: float, lora_rank: int = 0,
                    lora_alpha: float = 0.0, key=None, train_dense: bool = True):
     """(trainable, frozen, optimizer, loss_fn, eval_fn, to_dense, schedule, trainable count) for
-    a method. ``train_dense=False`` (LoRA fine-tuning) trains the adapters only: the dense leaves
+    a method, from the LM builder's pieces (:func:`experiments.lm.optimizer_transform`,
+    :func:`~experiments.lm.parameterize`, :func:`~experiments.lm.loss_functions`).
+    ``train_dense=False`` (LoRA fine-tuning) trains the adapters only: the dense leaves
     (embedding, norms, LM head) get zero updates and no optimizer state."""
-    import jax
-    import optax
-
     c = setup.c
-    schedule = _schedule(learning_rate, warmup, steps, min_ratio)
-    frozen: Any = {}
-    to_dense = _identity
-    trainable = None
-    if method == "adamw":
-        opt = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0)
-    elif method == "galore":
-        optim, why = _galore_api()
-        if optim is None:
-            raise _Skip(why)
-        from lrx.optim import path_mask
-
-        opt = optim.galore(schedule, rank=c.galore.rank, update_proj_gap=c.galore.update_proj_gap,
-                       scale=c.galore.scale, proj_type=c.galore.proj_type,
-                       mask=path_mask(params, c.analysis.paths))
-    elif method == "lora":
-        P, why = _lora_api()
-        if P is None:
-            raise _Skip(why)
-        tree = P.apply(params, [(c.analysis.paths, P.lora(lora_rank, lora_alpha))],
-                       key if key is not None else jax.random.key(c.seed + 1))
-        params, frozen = P.partition(tree)
-        to_dense = lambda p, fz: P.materialize(P.combine(p, fz))  # noqa: E731
-        opt = optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=0.0)
-        if not train_dense:
-            from lrx.analysis.spectra import path_str
-
-            dense_paths = set(_flat(params)) & set(_flat(setup.init_params))
-            labels = jax.tree_util.tree_map_with_path(
-                lambda p, x: "freeze" if path_str(p) in dense_paths else "train", params)
-            opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
-            trainable = sum(x.size for k, x in _flat(params).items() if k not in dense_paths)
-    else:  # pragma: no cover - validated
+    if method not in METHODS:  # pragma: no cover - validated
         raise ConfigError(f"unknown method {method!r}; valid choices: {METHODS}")
+    o = lm.optimizer_defaults("adamw" if method == "lora" else method)
+    o.update(learning_rate=learning_rate, warmup_steps=warmup, min_lr_ratio=min_ratio,
+             grad_clip=0.0)
+    if method == "galore":
+        o.update(rank=c.galore.rank, update_proj_gap=c.galore.update_proj_gap,
+                 scale=c.galore.scale, proj_type=c.galore.proj_type, project=c.analysis.paths)
+    schedule = _schedule(learning_rate, warmup, steps, min_ratio)
+    section = lm.defaults().param
+    section.update(method="lora" if method == "lora" else "none", include=c.analysis.paths,
+                   rank=lora_rank or section.rank, alpha=float(lora_alpha))
+    params, frozen = lm.parameterize(params, section,
+                                     key if key is not None else jax.random.key(c.seed + 1))
+    mask = lrx.optim.path_mask(params, o.project) if method == "galore" else None
+    opt = lm.optimizer_transform(o, schedule, mask)
+    trainable = None
+    if method == "lora" and not train_dense:
+        dense_paths = set(_flat(params)) & set(_flat(setup.init_params))
+        labels = jax.tree_util.tree_map_with_path(
+            lambda p, x: "freeze" if path_str(p) in dense_paths else "train", params)
+        opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()}, labels)
+        trainable = sum(x.size for k, x in _flat(params).items() if k not in dense_paths)
     if grad_clip:
         opt = optax.chain(optax.clip_by_global_norm(grad_clip), opt)
-
-    if method == "lora":
-        def model_params(p, fz):
-            return P.combine(p, fz)
-    else:
-        def model_params(p, fz):
-            return p
-    model = setup.model
-
-    def loss_fn(p, fz, batch, rng):  # noqa: ARG001 - deterministic model
-        logits = model.apply({"params": model_params(p, fz)}, batch[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean(), {}
-
-    def eval_fn(p, fz, batch):
-        return {"loss": loss_fn(p, fz, batch, None)[0]}
-
+    to_dense = _materialize if method == "lora" else _identity
+    loss_fn, eval_fn = lm.loss_functions(setup.model, section)
     if trainable is None:
         trainable = sum(x.size for x in jax.tree_util.tree_leaves(params))
     return params, frozen, opt, loss_fn, eval_fn, to_dense, schedule, int(trainable)
@@ -427,19 +377,18 @@ def _identity(params, frozen):  # noqa: ARG001 - dense methods: the trainable pa
     return params
 
 
-class _Skip(Exception):
-    """A method whose library is not available."""
+def _materialize(params, frozen):
+    """The dense weights of a LoRA model (W0 + s a b per matrix)."""
+    return lrx.param.materialize(lrx.param.combine(params, frozen))
 
 
 # ------------------------------------------------------------------------------------------- run
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Runs the three parts and writes tables, plots and the summary."""
-    import jax
-
     wall0 = time.perf_counter()
     c = finetuning.merged(config, defaults)
     setup = _Setup(c)
-    summary: dict[str, Any] = {"experiment": "spectra", "skipped": {}}
+    summary: dict[str, Any] = {"experiment": "spectra"}
 
     # Part 1: pretraining with spectral hooks.
     finals: dict[str, Any] = {}
@@ -447,15 +396,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     pretrain_rows = []
     for method in c.pretrain.methods:
         lr = c.pretrain[f"{method}_learning_rate"]
-        try:
-            p, fz, opt, loss_fn, eval_fn, to_dense, schedule, n_train = _method_pieces(
-                setup, method, setup.init_params, learning_rate=lr, steps=c.pretrain.steps,
-                warmup=c.pretrain.warmup_steps, min_ratio=c.pretrain.min_lr_ratio,
-                grad_clip=c.pretrain.grad_clip, lora_rank=c.lora.rank, lora_alpha=c.lora.alpha)
-        except _Skip as e:
-            log.warning("skipping pretraining with %s: %s", method, e)
-            summary["skipped"][f"pretrain/{method}"] = str(e)
-            continue
+        p, fz, opt, loss_fn, eval_fn, to_dense, schedule, n_train = _method_pieces(
+            setup, method, setup.init_params, learning_rate=lr, steps=c.pretrain.steps,
+            warmup=c.pretrain.warmup_steps, min_ratio=c.pretrain.min_lr_ratio,
+            grad_clip=c.pretrain.grad_clip, lora_rank=c.lora.rank, lora_alpha=c.lora.alpha)
         sub = os.path.join(workdir, f"pretrain_{method}")
         gap = c.galore.update_proj_gap if method == "galore" else 0
         hooks = [_analysis_hook(setup, to_dense, c.analysis, gap)] if c.analysis.every else []
@@ -468,8 +412,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         state = result["state"]
         dense = jax.device_get(to_dense(state.params, state.frozen))
         finals[method] = dense
-        from lrx.train import loop
-
         records[method] = loop.read_metrics(sub)
         row = {"method": method, "learning rate": lr,
                "trainable params": n_train,
@@ -485,7 +427,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     # Part 2: fine-tuning on the held-out play, full vs LoRA; intruder dimensions.
     if c.finetune.enabled and "adamw" in finals:
-        summary["finetune"] = _finetune(setup, workdir, finals["adamw"], summary["skipped"])
+        summary["finetune"] = _finetune(setup, workdir, finals["adamw"])
     # Part 3: WeLore on the AdamW-pretrained model.
     if c.welore.enabled and "adamw" in finals:
         summary["welore"] = _welore(setup, workdir, finals["adamw"], records.get("adamw", []))
@@ -494,7 +436,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     summary["model_params"] = int(sum(x.size for x in jax.tree_util.tree_leaves(
         setup.init_params)))
     common.write_summary(workdir, summary)
-    return {k: summary[k] for k in ("pretrain", "wall_seconds", "skipped")
+    return {k: summary[k] for k in ("pretrain", "wall_seconds")
             } | {k: summary[k]["headline"] for k in ("finetune", "welore") if k in summary}
 
 
@@ -588,9 +530,7 @@ def _sort_key(path: str):
     return (layer, path)
 
 
-def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
-    import jax
-
+def _finetune(setup: _Setup, workdir: str, base) -> dict:
     c, f = setup.c, setup.c.finetune
     paths = _matrix_paths(base, c.analysis.paths)
     before_pt = setup.eval_dense(base, setup.eval_pretrain)
@@ -600,17 +540,12 @@ def _finetune(setup: _Setup, workdir: str, base, skipped: dict) -> dict:
     rows, curves = [], {}
     for method, rank in runs:
         name = "full" if method == "full" else f"lora_r{rank}"
-        try:
-            p, fz, opt, loss_fn, eval_fn, to_dense, schedule, n_train = _method_pieces(
-                setup, "adamw" if method == "full" else "lora", base, train_dense=False,
-                learning_rate=f.learning_rate if method == "full" else f.lora_learning_rate,
-                steps=f.steps, warmup=f.warmup_steps, min_ratio=1.0, grad_clip=1.0,
-                lora_rank=rank, lora_alpha=f.lora_alpha_ratio * rank,
-                key=jax.random.key(c.seed + 100 + rank))
-        except _Skip as e:
-            log.warning("skipping fine-tuning %s: %s", name, e)
-            skipped[f"finetune/{name}"] = str(e)
-            continue
+        p, fz, opt, loss_fn, eval_fn, to_dense, schedule, n_train = _method_pieces(
+            setup, "adamw" if method == "full" else "lora", base, train_dense=False,
+            learning_rate=f.learning_rate if method == "full" else f.lora_learning_rate,
+            steps=f.steps, warmup=f.warmup_steps, min_ratio=1.0, grad_clip=1.0,
+            lora_rank=rank, lora_alpha=f.lora_alpha_ratio * rank,
+            key=jax.random.key(c.seed + 100 + rank))
         log.info("part 2: fine-tuning (%s) on %s for %d steps", name, c.data.finetune_play,
                  f.steps)
         result = _train(setup, os.path.join(workdir, f"finetune_{name}"), params=p, frozen=fz,

@@ -27,13 +27,6 @@ def test_unknown_config_file_is_one_clear_line(tmp_path):
     assert "no config file" in out.stderr and "Traceback" not in out.stderr
 
 
-# LM configs that differ from configs/galore.py only in the optimizer or parameterization section:
-# every one is validated in-process below (fast); their 2-step runs are `slow` (the optimizers
-# also run end to end in tests/experiments/test_lm_multidevice.py).
-SLOW_SMOKE = {"adamw.py", "fira.py", "frugal.py", "lora.py", "lowrank.py", "relora.py",
-              "sltrain.py", "pretrain_table.py"}
-
-
 def _load_config(name, arg):
     return importlib.import_module(f"configs.{name[:-3]}").get_config(arg)
 
@@ -49,15 +42,42 @@ def test_config_smoke_variant_validates(name):
         module.validate(config)
 
 
+# The smoke runs go through run.execute (everything run.py does after parsing its flags) in this
+# process: one JAX start-up, and the session's compilation cache (tests/conftest.py) shares the
+# compiled tiny models between them. LM configs that differ from configs/galore.py only in the
+# optimizer or parameterization section, and the slowest studies, are `slow` (the optimizers also
+# run end to end in tests/experiments/test_lm_multidevice.py); so is the same smoke run of every
+# config through a run.py subprocess each. tests/test_run.py keeps one run.py subprocess smoke test
+# by default: test_workdir_of_another_config_is_refused_and_console_is_quiet.
+SLOW_SMOKE = {"adamw.py", "apollo.py", "fira.py", "frugal.py", "lora.py", "lowrank.py", "relora.py",
+              "sltrain.py", "pretrain_table.py", "finetune_table.py", "spectra.py", "s4.py",
+              "bench_optim.py"}
+
+
+def _check_smoke_outputs(workdir):
+    assert os.path.exists(workdir / "config.json")
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary, "empty summary"
+
+
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_SMOKE
                                   else n for n in CONFIGS])
-def test_config_smoke(name, tmp_path):
+def test_config_smoke_in_process(name, tmp_path, monkeypatch):
     """Each config in configs/ runs with its own quick 'smoke' variant (config arg ``smoke``)."""
+    import run
+
+    monkeypatch.chdir(ROOT)
+    run.execute(f"configs/{name}:smoke", [], str(tmp_path))
+    _check_smoke_outputs(tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_smoke(name, tmp_path):
+    """Each config in configs/ runs with its own quick 'smoke' variant through run.py."""
     out = run_cli(f"--config=configs/{name}:smoke", f"--workdir={tmp_path}")
     assert out.returncode == 0, out.stderr[-4000:]
-    assert os.path.exists(tmp_path / "config.json")
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary, "empty summary"
+    _check_smoke_outputs(tmp_path)
 
 
 def _error_lines(stderr):
@@ -102,10 +122,14 @@ def test_bad_text_file_fails_before_compiling(tmp_path):
     ("adamw", "galore", ["--config.optimizer.rank=8"], {"name": "galore", "rank": 8}),
     ("galore", "adamw", [], {"name": "adamw"}),
 ])
-def test_switching_the_optimizer_on_the_command_line(config, switch, extra, expected, tmp_path):
-    out = run_cli(f"--config=configs/{config}.py:smoke", f"--config.optimizer.name={switch}",
-                  *extra, "--config.train.steps=1", f"--workdir={tmp_path}", timeout=300)
-    assert out.returncode == 0, out.stderr[-3000:]
+def test_switching_the_optimizer_on_the_command_line(config, switch, extra, expected, tmp_path,
+                                                     monkeypatch):
+    import run
+
+    monkeypatch.chdir(ROOT)
+    _, overrides = run.split_overrides([f"--config.optimizer.name={switch}", *extra,
+                                        "--config.train.steps=1"])
+    run.execute(f"configs/{config}.py:smoke", overrides, str(tmp_path))
     saved = json.loads((tmp_path / "config.json").read_text())["optimizer"]
     assert expected.items() <= saved.items()
     if switch == "adamw":

@@ -25,13 +25,20 @@ def _final_params(workdir, step):
     return restored["params"]
 
 
-def test_llama_resume_is_bit_identical(tmp_path):
-    lm.run(_config(6), str(tmp_path / "straight"))
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """A 6-step smoke run of the tiny LLaMA (shared by the resume and analysis-hook tests)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    lm.run(_config(6), str(workdir))
+    return workdir
+
+
+def test_llama_resume_is_bit_identical(straight, tmp_path):
     first = lm.run(_config(6, stop_at=3), str(tmp_path / "resumed"))
     assert first["steps"] == 3 and first["status"] == "stopped by stop_at=3"
     summary = lm.run(_config(6), str(tmp_path / "resumed"))
     assert summary["steps"] == 6
-    a = _final_params(tmp_path / "straight", 6)
+    a = _final_params(straight, 6)
     b = _final_params(tmp_path / "resumed", 6)
     flat_a = np.concatenate([np.ravel(x) for x in _leaves(a)])
     flat_b = np.concatenate([np.ravel(x) for x in _leaves(b)])
@@ -78,19 +85,17 @@ def test_validate_rejects_unknown_keys_and_bad_values():
         lm.validate(c)
 
 
-def test_analysis_hook_changes_nothing_in_training(tmp_path):
-    off = _config(3)
-    on = _config(3)
+def test_analysis_hook_changes_nothing_in_training(straight, tmp_path):
+    on = _config(6)
     on.analysis.every = 1
-    lm.run(off, str(tmp_path / "off"))
     lm.run(on, str(tmp_path / "on"))
-    a = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "off", 3))])
-    b = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "on", 3))])
+    a = np.concatenate([np.ravel(x) for x in _leaves(_final_params(straight, 6))])
+    b = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "on", 6))])
     np.testing.assert_array_equal(a, b)
     records = [json.loads(line) for line in open(tmp_path / "on" / "metrics.jsonl")]
     assert any(k.startswith("grad/layers_0/attn/q/kernel/effective_rank") for r in records
                for k in r)
-    assert not any(k.startswith("grad/") for line in open(tmp_path / "off" / "metrics.jsonl")
+    assert not any(k.startswith("grad/") for line in open(straight / "metrics.jsonl")
                    for k in json.loads(line))
 
 
@@ -320,3 +325,53 @@ def test_paper_variants_follow_the_official_scripts():
     r = get("relora", "llama_60m")
     assert r.optimizer.grad_clip == 1.0 and r.param.relora_warmup == 100  # ReLoRA's own code
     assert r.param.relora_every == 1000 and r.param.rank == 128
+
+
+def test_validate_has_no_side_effects(monkeypatch):
+    """lm.validate starts no jax.distributed and builds no mesh (both happen in lm.run)."""
+    import jax
+
+    from lrx.train import sharding
+
+    def forbidden(*a, **k):
+        raise AssertionError("called during validate")
+
+    monkeypatch.setattr(jax.distributed, "initialize", forbidden)
+    monkeypatch.setattr(sharding, "make_mesh", forbidden)
+    c = lm.defaults()
+    c.multihost = True
+    lm.validate(c)
+    c.multihost = False
+    c.mesh.data = 3  # checked without a mesh: 3 devices asked for, 1 available
+    with pytest.raises(ConfigError, match=r"mesh data=3 x fsdp=1 = 3 devices, but 1 are available"):
+        lm.validate(c)
+    c.mesh.data, c.train.eval_windows = 0, 63
+    assert lm.check_mesh(c, 1) == 1
+    with pytest.raises(ConfigError, match=r"train.eval_windows=63 is not divisible by the "
+                       r"data-parallel size 2"):
+        lm.check_mesh(c, 2)
+
+
+def test_builder_exposes_the_newer_param_methods():
+    import jax
+
+    import lrx.param
+
+    for method in ("sora", "dylora", "randlora"):
+        c = _config(2)
+        c.param.method, c.param.rank = method, 4
+        lm.validate(c)
+    c = _config(2)
+    c.param.method = "lora_ga"
+    with pytest.raises(ConfigError, match=r"param.method='lora_ga' initialises from data "
+                       r"statistics.*finetune_table.py.*'sora', 'dylora'"):
+        lm.validate(c)
+    c = _config(2)
+    c.param.method, c.param.rank = "sora", 4
+    s = lm.build(c)
+    nodes = [x for x in jax.tree.leaves(s.params, is_leaf=lrx.param.is_node)
+             if isinstance(x, lrx.param.SoRA)]
+    assert len(nodes) == 7 * s.model_config.num_layers  # q, k, v, o, gate, up, down per layer
+    state = s.optimizer.init(s.params)
+    assert any(type(x).__name__ == "SoRAProximalState" for x in jax.tree.leaves(
+        state, is_leaf=lambda x: type(x).__name__ == "SoRAProximalState"))
