@@ -251,7 +251,7 @@ def train_model(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("d
                 final_loss=float(history["loss"][-1]),
                 loss_history=[float(v) for v in history["loss"]],
                 loss_steps=[int(s) for s in history["step"]],
-                num_params=gpt.count_params(trainable),
+                num_params=lrx_param.count_params(trainable),
                 param_counts={k: int(v) for k, v in counts.items()} if counts else {})
     return apply_fn, params, info
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lrx.models import llama
+from lrx.param import count_params
 
 SMALL = llama.LlamaConfig(hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2,
                           vocab_size=64, max_len=32)
@@ -95,7 +96,7 @@ def test_presets_match_galore_configs_parameter_counts():
         expected = 2 * 32000 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
         shapes = jax.eval_shape(lambda c=cfg: llama.Llama(c).init(
             jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-        assert llama.count_params(shapes) == expected
+        assert count_params(shapes) == expected
 
 
 def test_bad_config_messages():

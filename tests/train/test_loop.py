@@ -104,3 +104,80 @@ def test_tree_bytes_is_exact():
     tree = {"a": jnp.zeros((3, 5), jnp.float32), "b": jnp.zeros((7,), jnp.bfloat16),
             "c": (jnp.zeros((), jnp.int32),)}
     assert loop.tree_bytes(tree) == 3 * 5 * 4 + 7 * 2 + 4
+
+
+def _poisoned(bad_step):
+    """A batch_fn/loss_fn pair whose loss (and gradient) is NaN at step ``bad_step`` only."""
+    def batch_fn(step):
+        flag = np.full((8, 1), float(step == bad_step), np.float32)
+        return np.concatenate([_batch_fn(step), flag], axis=1)
+
+    def loss_fn(params, frozen, batch, rng):
+        x, y, flag = batch[:, :4], batch[:, 4:7], batch[:, 7]
+        mse = jnp.mean((x @ params["w"] - y) ** 2)
+        return jnp.where(jnp.max(flag) > 0, jnp.nan, 1.0) * mse, {}
+
+    return batch_fn, loss_fn
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_lagged_nan_check_names_the_first_bad_step_and_keeps_the_last_good_checkpoint(
+        tmp_path, lag):
+    batch_fn, loss_fn = _poisoned(5)
+    opt = optax.sgd(0.01)
+    state = loop.create_state({"w": jnp.zeros((4, 3))}, opt, seed=0)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite loss nan at step 5") as info:
+        loop.train(workdir=str(tmp_path), state=state, loss_fn=loss_fn, optimizer=opt,
+                   batch_fn=batch_fn, total_steps=9, mesh=sharding.make_mesh(), log_every=1,
+                   checkpoint_every=2, metrics_lag=lag, progress=False, tensorboard=False)
+    assert info.value.step == 5
+    # steps 0..4 are good: the checkpoint at 4 holds them; 6 (after the NaN) was never written
+    assert loop.latest_checkpoint_step(str(tmp_path)) == 4
+    assert [r["step"] for r in loop.read_metrics(str(tmp_path)) if "loss" in r] == [1, 2, 3, 4, 5]
+    # the kept checkpoint restores to finite parameters and resumes past nothing bad
+    good_state = loop.create_state({"w": jnp.zeros((4, 3))}, opt, seed=0)
+    clean = loop.train(workdir=str(tmp_path), state=good_state, loss_fn=_poisoned(-1)[1],
+                       optimizer=opt, batch_fn=_poisoned(-1)[0], total_steps=6,
+                       mesh=sharding.make_mesh(), progress=False, tensorboard=False)
+    assert clean["resumed_from"] == 4
+    assert np.all(np.isfinite(np.asarray(clean["state"].params["w"])))
+
+
+def test_metrics_are_read_a_step_behind_the_device(tmp_path, monkeypatch):
+    # with metrics_lag=1 the host reads step t's metrics only after step t+1 was dispatched (the
+    # hooks run after each dispatch), except the last step, read at the end
+    events = []
+    fetch = loop._StepMetrics.fetch
+
+    def spy(self, metrics):
+        events.append(("read", len([e for e in events if e[0] == "read"]) + 1))
+        return fetch(self, metrics)
+
+    def hook(step, state, batch):
+        events.append(("dispatched", step))
+        return state, None
+
+    monkeypatch.setattr(loop._StepMetrics, "fetch", spy)
+    out = _train(tmp_path, 5, hooks=[hook], metrics_lag=1)
+    assert out["steps_run"] == 5 and len(out["history"]) == 5
+    for read in range(1, 5):
+        assert events.index(("dispatched", read + 1)) < events.index(("read", read))
+    assert events[-1] == ("read", 5)
+
+
+def test_a_checkpoint_never_holds_a_non_finite_state(tmp_path):
+    # the update after step 3 turns the weights to inf while every loss so far was finite: the
+    # save at step 4 refuses, naming step 3, and the checkpoint at step 2 stays the last one
+    def poison_after_three(updates, state, params=None):
+        count = state + 1
+        updates = jax.tree.map(lambda u: jnp.where(count == 4, jnp.inf, u), updates)
+        return updates, count
+
+    opt = optax.chain(optax.sgd(0.01), optax.GradientTransformation(
+        lambda params: jnp.zeros((), jnp.int32), poison_after_three))
+    state = loop.create_state({"w": jnp.zeros((4, 3))}, opt, seed=0)
+    with pytest.raises(loop.NonFiniteLoss, match="non-finite state at step 3"):
+        loop.train(workdir=str(tmp_path), state=state, loss_fn=_loss_fn, optimizer=opt,
+                   batch_fn=_batch_fn, total_steps=8, mesh=sharding.make_mesh(),
+                   checkpoint_every=2, progress=False, tensorboard=False)
+    assert loop.latest_checkpoint_step(str(tmp_path)) == 2
