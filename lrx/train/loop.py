@@ -455,6 +455,7 @@ def train(
         waits for a host round trip (0: read each step's metrics at once, blocking). Before a
         checkpoint, an evaluation and the end every pending step is read, so a non-finite loss
         still stops the run naming the *first* bad step, and no checkpoint holds its state.
+        With a lag, a step's hook records reach ``metrics.jsonl`` before its train record.
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
