@@ -2,6 +2,7 @@
 independent float64 derivations (tests/ssm/_reference.py: dense A, bilinear step, powers)."""
 
 import numpy as np
+import pytest
 
 from lrx.ssm import reference
 from tests.ssm import _reference as ref
@@ -44,3 +45,26 @@ def test_rank_one_vectors_are_accepted_as_one_row():
     a2, b2 = reference.dense_bilinear_f64(lam, p, q, b, 0.05)
     np.testing.assert_array_equal(a1, a2)
     np.testing.assert_array_equal(b1, b2)
+
+
+def test_abar_power_norm_and_relative_max_error():
+    lam, p, q, b, _ = _system(2)
+    abar, _ = ref.bilinear(ref.dense_A(lam, p, q), b, 0.1)
+    # spectral norm = the largest singular value, from an independent SVD of the powered matrix
+    power = np.eye(len(lam))
+    for _ in range(5):
+        power = power @ abar
+    expected = np.linalg.svd(power, compute_uv=False)[0]
+    assert reference.abar_power_norm_f64(lam, p, q, b, 0.1, 5) == pytest.approx(expected,
+                                                                                  rel=1e-10)
+    assert reference.relative_max_error([1.0, 2.5, -4.0], [1.0, 2.0, -4.0]) == pytest.approx(
+        0.5 / 4.0)
+    # complex differences count by modulus: |1j - 0| = 1, |0 - 2| = 2, over max |ref| = 2
+    assert reference.relative_max_error(np.array([1j, 0]), np.array([0, 2.0])) == pytest.approx(
+        2.0 / 2.0)
+    assert reference.relative_max_error(np.array([1j, 2.0]), np.array([0, 2.0])) == pytest.approx(
+        1.0 / 2.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        reference.relative_max_error([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="all zeros"):
+        reference.relative_max_error([1.0], [0.0])
