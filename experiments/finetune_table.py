@@ -33,10 +33,11 @@ import ml_collections
 
 from experiments import common, finetuning, lm
 from experiments.common import ConfigError
+from lrx.paths import ATTN_MLP
 
 METHODS = ("full", "lora", "rslora", "pissa", "olora", "lora_ga", "lora_sb", "eva", "dora",
            "vera", "randlora", "nola", "sora", "dylora", "welore_lrc")
-MATRICES = r".*/(attn|mlp)/[^/]+/kernel"
+MATRICES = ATTN_MLP  # the attention and MLP matrices (lrx.paths.ATTN_MLP)
 # What each paper claims (reference notes, /work/shared/reference/parameterizations.md; [recalled]
 # entries are from the papers, not re-verified).
 CLAIMS = {

@@ -102,15 +102,14 @@ def update_spectra(base: Any, tuned: Any, paths: list[str], *, k: int,
     import jax
     import numpy as np
 
-    from lrx.analysis import effective_rank, max_cosine_similarity, singular_values
+    from lrx.analysis import effective_rank, intruder_counts, max_cosine_similarity, singular_values
 
     fb, ft = flat(base), flat(tuned)
     similarity = per_shape(jax.jit(lambda b, t: max_cosine_similarity(b, t, k=k, side="right")),
                            fb, paths, ft)
     delta = {p: np.asarray(ft[p], np.float32) - np.asarray(fb[p], np.float32) for p in paths}
     erank = per_shape(jax.jit(lambda d: effective_rank(singular_values(d))), delta, paths)
-    return {"intruders": {eps: int(sum(int(np.sum(np.asarray(similarity[p]) < eps))
-                                       for p in paths)) for eps in thresholds},
+    return {"intruders": intruder_counts([similarity[p] for p in paths], thresholds),
             "delta_effective_rank": float(np.mean([float(erank[p]) for p in paths]))}
 
 

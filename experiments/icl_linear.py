@@ -251,7 +251,7 @@ def train_model(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("d
                 final_loss=float(history["loss"][-1]),
                 loss_history=[float(v) for v in history["loss"]],
                 loss_steps=[int(s) for s in history["step"]],
-                num_params=gpt.count_params(trainable),
+                num_params=lrx_param.count_params(trainable),
                 param_counts={k: int(v) for k, v in counts.items()} if counts else {})
     return apply_fn, params, info
 
@@ -348,9 +348,7 @@ def evaluate(apply_fn, params, data_cfg, eval_cfg, key, extra_lambdas=()) -> dic
         tokens = icl_data.interleave(px, py)  # (bp, 2n-1, d+1)
 
         def at_prefix(k):
-            q = jnp.concatenate([jnp.zeros((bp, m, 1)), probes[:, k]], -1)
-            seq = jnp.broadcast_to(tokens[:, None], (bp, m) + tokens.shape[1:])
-            seq = seq.at[:, :, 2 * k].set(q)
+            seq = icl_data.place_probes(tokens, probes[:, k], 2 * k, "interleave")
             return apply_fn(params, seq.reshape((bp * m,) + tokens.shape[1:]))[:, 2 * k]
 
         probe_out = {"model": jax.lax.map(at_prefix, jnp.arange(n)).reshape(n, bp, m)
@@ -371,11 +369,14 @@ def evaluate(apply_fn, params, data_cfg, eval_cfg, key, extra_lambdas=()) -> dic
 
 
 def _summarise_refs(res: dict, d: int) -> list[dict]:
+    from lrx.analysis import icl as metrics
+
     rows = []
     for name in res["spd"]:
         spd, ilwd = res["spd"][name], res["ilwd"][name]
-        rows.append(dict(reference=name, spd=float(spd[1:].mean()),
-                         mspd=float(spd[1:max(d, 2)].mean()), ilwd=float(ilwd[1:].mean()),
+        rows.append(dict(reference=name, spd=float(metrics.mspd(spd, 1)),
+                         mspd=float(metrics.underdetermined_mspd(spd, d)),
+                         ilwd=float(ilwd[1:].mean()),
                          ref_error=float(res["error"][name][1:].mean())))
     return rows
 
@@ -462,19 +463,18 @@ def run_lsa(config, key) -> dict:
         # LSA's implicit weights: its output is linear in x_q; fit on probes.
         probes = jax.random.normal(k_probe, (512, 3 * d, d))
         ctx = tokens[:512]
-        probe_tok = jnp.broadcast_to(ctx[:, None], (512, 3 * d) + ctx.shape[1:])
-        probe_tok = probe_tok.at[:, :, n, :d].set(probes)
+        probe_tok = icl_data.place_probes(ctx, probes, n, "stack")
         out = lsa.apply(params, probe_tok.reshape((-1,) + ctx.shape[1:])).reshape(512, 3 * d)
-        w_lsa, _ = metrics.implicit_weights(out, probes)
-        cos = jnp.sum(w_lsa * w_gd[:512], -1) / (
-            jnp.linalg.norm(w_lsa, axis=-1) * jnp.linalg.norm(w_gd[:512], axis=-1) + 1e-12)
+        # one query per prompt: curves over a single "prefix" axis of length 1
+        w_lsa, w_ref = metrics.implicit_weights(out, probes)[0][:, None], w_gd[:512, None]
         return dict(
             construction_max_abs_diff=jnp.max(jnp.abs(pred_built - pred_gd)),
             gd_tuned_step_alpha=alpha, gd_tuned_eta=2 * n * alpha,
             loss_lsa=jnp.mean((pred_lsa - y) ** 2), loss_gd=jnp.mean((pred_gd - y) ** 2),
-            loss_zero=jnp.mean(y**2), spd_lsa_gd=jnp.mean((pred_lsa - pred_gd) ** 2) / d,
-            ilwd_lsa_gd=jnp.mean(jnp.sum((w_lsa - w_gd[:512]) ** 2, -1)),
-            cosine_lsa_gd=jnp.mean(cos))
+            loss_zero=jnp.mean(y**2),
+            spd_lsa_gd=metrics.spd(pred_lsa[:, None], pred_gd[:, None], d)[0],
+            ilwd_lsa_gd=metrics.ilwd(w_lsa, w_ref)[0],
+            cosine_lsa_gd=metrics.cosine(w_lsa, w_ref)[0])
 
     result = {k: float(v) for k, v in compare(params).items()}
     return dict(dim=d, num_context=n, steps=cfg.steps, train_seconds=seconds, **result,
@@ -542,6 +542,8 @@ def _fig1(config, workdir, key) -> dict:
 def _noise(config, workdir, key) -> dict:
     import jax
 
+    from lrx.analysis import icl as metrics
+
     lambdas = [float(v) for v in config.sweep.noise_lambdas]
     rows, curves, runs = [], {}, {}
     for i, (sigma, tau) in enumerate(config.sweep.noise):
@@ -556,7 +558,7 @@ def _noise(config, workdir, key) -> dict:
         d = data.dim
         for lam in lambdas:
             name = "ols" if lam == 0 else f"ridge({lam:g})"
-            row[f"mspd[{lam:.3g}]"] = float(res["spd"][name][1:max(d, 2)].mean())
+            row[f"mspd[{lam:.3g}]"] = float(metrics.underdetermined_mspd(res["spd"][name], d))
         best = min(lambdas, key=lambda lam: row[f"mspd[{lam:.3g}]"])
         row["best_lambda"] = best
         row["best_is_bayes"] = bool(abs(best - row["bayes_lambda"]) < 1e-9)
@@ -588,6 +590,8 @@ def _noise(config, workdir, key) -> dict:
 def _depth(config, workdir, key) -> dict:
     import jax
 
+    from lrx.analysis import icl as metrics
+
     rows, runs = [], {}
     d = config.data.dim
     for i, depth in enumerate(config.sweep.depths):
@@ -600,8 +604,8 @@ def _depth(config, workdir, key) -> dict:
         row = {"layers": int(depth), "params": info["num_params"],
                "model_error": float(res["error"]["model"][1:].mean())}
         for name in reference_names(config.eval, config.data):
-            row[f"mspd[{name}]"] = float(res["spd"][name][1:max(d, 2)].mean())
-            row[f"spd[{name}]"] = float(res["spd"][name][1:].mean())
+            row[f"mspd[{name}]"] = float(metrics.underdetermined_mspd(res["spd"][name], d))
+            row[f"spd[{name}]"] = float(metrics.mspd(res["spd"][name], 1))
         row["closest_mspd"] = min(reference_names(config.eval, config.data),
                                   key=lambda nm: row[f"mspd[{nm}]"])
         row["closest_spd"] = min(reference_names(config.eval, config.data),
@@ -632,6 +636,8 @@ def _depth(config, workdir, key) -> dict:
 def _lowrank(config, workdir, key) -> dict:
     import jax
 
+    from lrx.analysis import icl as metrics
+
     rows, runs, skipped = [], {}, []
     d = config.data.dim
     k_train, k_eval = jax.random.split(key)
@@ -648,11 +654,11 @@ def _lowrank(config, workdir, key) -> dict:
         row = {"variant": text, "method": variant[0], "rank": variant[1],
                "trainable": info["num_params"], "final_loss": info["final_loss"],
                "model_error": float(res["error"]["model"][1:].mean()),
-               "spd_ols": float(res["spd"]["ols"][1:].mean()),
-               "spd_gd1": float(res["spd"]["gd1"][1:].mean()),
-               "spd_knn3": float(res["spd"][knn][1:].mean()),
+               "spd_ols": float(metrics.mspd(res["spd"]["ols"], 1)),
+               "spd_gd1": float(metrics.mspd(res["spd"]["gd1"], 1)),
+               "spd_knn3": float(metrics.mspd(res["spd"][knn], 1)),
                "ilwd_ols": float(res["ilwd"]["ols"][1:].mean()),
-               "mspd_ols": float(res["spd"]["ols"][1:max(d, 2)].mean()),
+               "mspd_ols": float(metrics.underdetermined_mspd(res["spd"]["ols"], d)),
                "r2_mean": float(res["r2"][1:].mean())}
         row["closest"] = min(("ols", "gd1", "knn3"), key=lambda nm: row[f"spd_{nm}"])
         rows.append(row)

@@ -287,7 +287,7 @@ def _run(config, workdir, dtype) -> dict:
     tr = _np(logistic.sweep(np.asarray(tp.features, dtype), np.asarray(tp.labels, dtype), tg, 2))
     thm41 = []
     for g, gamma in enumerate(tg):
-        closed = 0.5 * (np.logaddexp(0, gamma / 4) + np.logaddexp(0, -3.5 * gamma))
+        closed = logistic.two_point_first_loss(gamma)
         t2 = np.asarray(tr.params[g, 2], np.float64) / gamma
         thm41.append({"gamma": gamma, "f(theta_1)": float(tr.loss[g, 1]),
                       "closed form f(theta_1)": float(closed), "f(theta_2)": float(tr.loss[g, 2]),
@@ -316,8 +316,10 @@ def _run(config, workdir, dtype) -> dict:
         gd, ngd = _iters(logistic.sweep(x, y, [100.0, 100.0], horizon, keep_params=False,
                                         rule=["constant", "normalized"]).separated)
         growth.append({"n": n, "Batch Perceptron": bp, "closed form floor((3n+2)/10)+1":
-                       (3 * n + 2) // 10 + 1, "LR+GD gamma=100": gd,
-                       "Normalized LR+GD gamma=100": ngd, "bound n R^2/mu^2 = 5n": 5 * n})
+                       perceptron.worst_case_iterations(n), "LR+GD gamma=100": gd,
+                       "Normalized LR+GD gamma=100": ngd, "bound n R^2/mu^2 = 5n":
+                       # the worst-case dataset's margin is 0.5 (lrx.data.separable.worst_case)
+                       perceptron.batch_perceptron_bound(n, separable.radius(ds.features), 0.5)})
     ns = np.asarray([r["n"] for r in growth], np.float64)
     its = np.asarray([r["Batch Perceptron"] for r in growth], np.float64)
     slope, intercept = np.polyfit(ns, its, 1) if len(ns) > 1 else (math.nan, math.nan)
@@ -425,18 +427,21 @@ def _bounds_row(name, ds, rows, gammas, horizon) -> dict:
     batch = its[("Batch Perceptron", "inf")]
     nbatch = its[("Normalized Batch Perceptron", "inf")]
     classic = its[("Perceptron (one-sample, updates)", "-")]
+    radius = math.sqrt(r2)
     thm61 = {float(g): (its.get(("Normalized LR+GD", float(g)), -1),
-                        r2 / mu**2 + 2 * math.log(2 * n - 1) / (float(g) * mu**2))
+                        logistic.normalized_gd_bound(n, radius, mu, float(g)))
              for g in gammas if ("Normalized LR+GD", float(g)) in its}
     # A run that did not separate within its horizon violates the bound only if the bound is
     # below the horizon.
     ok61 = all((0 <= i <= b) if i >= 0 else b >= horizon for i, b in thm61.values())
-    holds = (0 <= batch <= n * r2 / mu**2 and 0 <= nbatch <= r2 / mu**2
-             and 0 <= classic <= r2 / mu**2 and ok61)
+    batch_bound = perceptron.batch_perceptron_bound(n, radius, mu)
+    bound = perceptron.perceptron_bound(radius, mu)
+    holds = (0 <= batch <= batch_bound and 0 <= nbatch <= bound and 0 <= classic <= bound
+             and ok61)
     worst61 = max(thm61.items(), key=lambda kv: kv[1][0]) if thm61 else (None, (-1, 0))
-    return {"dataset": name, "n": n, "R": math.sqrt(r2), "mu": mu,
-            "Batch Perceptron": batch, "n R^2/mu^2": n * r2 / mu**2,
+    return {"dataset": name, "n": n, "R": radius, "mu": mu,
+            "Batch Perceptron": batch, "n R^2/mu^2": batch_bound,
             "Normalized Batch Perceptron": nbatch, "classical Perceptron updates": classic,
-            "R^2/mu^2": r2 / mu**2,
+            "R^2/mu^2": bound,
             "Norm. LR+GD slowest gamma": worst61[0], "its": worst61[1][0],
             "Thm 6.1 bound": worst61[1][1], "holds": bool(holds)}

@@ -109,6 +109,7 @@ def _optimizer(config, steps: int):
 
 def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
     from lrx.data import long_range
+    from lrx.param import count_params
     from lrx.train.scan import fit
 
     tc = config[task]
@@ -137,7 +138,7 @@ def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
 
         x_eval, y_eval = jnp.asarray(test.x), jnp.asarray(test.y)
     params = model.init(k_init, x_eval[:2])["params"]
-    n_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+    n_params = count_params(params)
     start = time.time()
     params, history = fit(loss_fn, params, _optimizer(config, tc.steps), batch_fn, tc.steps,
                           key=k_data, log_every=tc.log_every,

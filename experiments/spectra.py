@@ -59,13 +59,13 @@ from experiments.finetuning import train as _train
 from experiments.finetuning import update_spectra
 from lrx.data import text
 from lrx.models.llama import Llama
-from lrx.paths import path_str
+from lrx.paths import ATTN_MLP, path_str
 from lrx.train import loop, sharding
 
 METHODS = ("adamw", "galore", "lora")
 FINETUNE_METHODS = ("full", "lora")
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
-MATRICES = r".*/(attn|mlp)/[^/]+/kernel"     # the attention and MLP matrices (GaLore's recipe)
+MATRICES = ATTN_MLP  # the attention and MLP matrices (GaLore's recipe, lrx.paths.ATTN_MLP)
 HEATMAPS = {
     "grad_effective_rank": "gradient effective rank (RankMe)",
     "grad_top_r_energy": "top-r gradient energy",
@@ -271,25 +271,22 @@ class _Setup:
 
 
 def _projectors(opt_state) -> dict[str, Any]:
-    """``{path: (B, d, r) basis}`` of the projectors in an lrx.optim low-rank state (GaLore, Fira,
-    FRUGAL keep them in ``state.projector``, one ``Projector(left, right)`` per projected leaf)."""
+    """``{path: (B, d, r) basis}`` of the projectors of an lrx.optim low-rank state
+    (:func:`lrx.optim.projectors`, one ``Projector(left, right)`` per projected leaf); ``{}``
+    when the optimizer keeps none."""
     import jax
 
-    from lrx.analysis.spectra import path_str
+    import lrx.optim
+    from lrx.paths import path_str
 
-    def is_state(x):
-        return hasattr(x, "projector") and hasattr(x, "mu")
-
-    def is_projector(x):
-        return hasattr(x, "left") and hasattr(x, "right")
-
-    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=is_state):
-        if is_state(node):
-            leaves = jax.tree_util.tree_flatten_with_path(node.projector,
-                                                          is_leaf=is_projector)[0]
-            return {path_str(p): (x.left if x.left is not None else x.right)
-                    for p, x in leaves if is_projector(x)}
-    return {}
+    try:
+        tree = lrx.optim.projectors(opt_state)
+    except ValueError:  # no low-rank state (e.g. AdamW)
+        return {}
+    leaves = jax.tree_util.tree_flatten_with_path(
+        tree, is_leaf=lambda x: isinstance(x, lrx.optim.Projector))[0]
+    return {path_str(p): (x.left if x.left is not None else x.right)
+            for p, x in leaves if isinstance(x, lrx.optim.Projector)}
 
 
 def _analysis_hook(setup: _Setup, to_dense, a: ml_collections.ConfigDict,
@@ -603,7 +600,13 @@ def _welore(setup: _Setup, workdir: str, base, adamw_records: list[dict]) -> dic
     import numpy as np
     from scipy.stats import spearmanr
 
-    from lrx.analysis import singular_values, truncate_rank, welore_classify
+    from lrx.analysis import (
+        singular_values,
+        truncate_rank,
+        uniform_kept_ranks,
+        welore_classify,
+        welore_kept_ranks,
+    )
 
     c = setup.c
     paths = _matrix_paths(base, c.analysis.paths)
@@ -625,14 +628,9 @@ def _welore(setup: _Setup, workdir: str, base, adamw_records: list[dict]) -> dic
         for p in paths:
             rows[p][f"ratio @{target}"] = split[p]["ratio"]
             rows[p][f"LRC @{target}"] = "LRC" if split[p]["lrc"] else "N-LRC"
-        # WeLore compression: LRCs truncated to their kept rank, N-LRCs unchanged.
-        kept = {p: (split[p]["kept_rank"] if split[p]["lrc"] else split[p]["rank"])
-                for p in paths}
-        dropped = sum(split[p]["rank"] - kept[p] for p in paths)
-        total = sum(split[p]["rank"] for p in paths)
-        uniform_fraction = dropped / total
-        uniform = {p: split[p]["rank"] - int(round(uniform_fraction * split[p]["rank"]))
-                   for p in paths}
+        # WeLore compression (LRCs truncated, N-LRCs unchanged) vs uniform at the same budget.
+        kept, uniform_fraction = welore_kept_ranks({p: split[p] for p in paths})
+        uniform = uniform_kept_ranks({p: split[p]["rank"] for p in paths}, uniform_fraction)
         welore_params = _replace(base, _per_shape(truncate, flat, paths, kept))
         uniform_params = _replace(base, _per_shape(truncate, flat, paths, uniform))
         ratios = [split[p]["ratio"] for p in paths if p in late]

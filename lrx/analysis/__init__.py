@@ -4,7 +4,9 @@ overlap, WeLore rank reduction, intruder dimensions)."""
 from lrx.analysis.spectra import (
     METRICS,
     effective_rank,
+    intruder_counts,
     intruder_dimensions,
+    intruder_mask,
     layer_metrics,
     matrix_metrics,
     max_cosine_similarity,
@@ -18,7 +20,9 @@ from lrx.analysis.spectra import (
     subspace_overlap,
     top_r_energy,
     truncate_rank,
+    uniform_kept_ranks,
     welore_classify,
+    welore_kept_ranks,
     welore_rank_reduction,
     welore_threshold,
 )
@@ -26,7 +30,9 @@ from lrx.analysis.spectra import (
 __all__ = [
     "METRICS",
     "effective_rank",
+    "intruder_counts",
     "intruder_dimensions",
+    "intruder_mask",
     "layer_metrics",
     "matrix_metrics",
     "max_cosine_similarity",
@@ -40,7 +46,9 @@ __all__ = [
     "subspace_overlap",
     "top_r_energy",
     "truncate_rank",
+    "uniform_kept_ranks",
     "welore_classify",
+    "welore_kept_ranks",
     "welore_rank_reduction",
     "welore_threshold",
 ]

@@ -14,7 +14,11 @@ prompt and prefix); every curve returned is ``(n,)``, one value per prefix ``k``
   * :func:`ilwd` -- implicit linear weight difference ``E_D ||w_A1 - w_A2||^2``. Not divided by
     ``d`` (the paper's definition); for linear learners pass their exact weights.
   * :func:`mspd` -- SPD averaged over a range of prefixes; the paper's MSPD is the average over
-    the under-determined region ``1 <= k < d`` (Figs. 2-3).
+    the under-determined region ``1 <= k < d`` (Figs. 2-3), :func:`underdetermined_mspd`.
+  * :func:`cosine` -- mean cosine similarity of two learners' (implicit) weights per prefix, the
+    alignment von Oswald et al. report between a trained linear self-attention layer and one GD
+    step ("Transformers learn in-context by gradient descent", ICML 2023, arXiv 2212.07677,
+    Sec. 3).
 """
 
 from __future__ import annotations
@@ -84,7 +88,23 @@ def mspd(curve: jax.Array, k_min: int = 1, k_max: int | None = None) -> jax.Arra
     k_max = n if k_max is None else min(k_max, n)
     if not 0 <= k_min < k_max:
         raise ValueError(f"empty prefix range [{k_min}, {k_max}) for a curve of length {n}")
-    return jnp.mean(curve[k_min:k_max])
+    return curve[k_min:k_max].mean()  # NumPy in (float64 kept), NumPy out; JAX in, JAX out
+
+
+def underdetermined_mspd(curve: jax.Array, dim: int) -> jax.Array:
+    """The paper's MSPD: the mean of ``curve (n,)`` over the under-determined prefixes
+    ``1 <= k < d`` (``k = 1`` alone when ``d = 1``, so the range is never empty)."""
+    return mspd(curve, 1, max(dim, 2))
+
+
+def cosine(weights_a: jax.Array, weights_b: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Mean cosine similarity per prefix: weights ``(B, n, d)`` -> ``(n,)``,
+    ``mean_prompts <w_a, w_b> / (||w_a|| ||w_b|| + eps)`` (``eps`` keeps zero weights at 0)."""
+    if weights_a.shape != weights_b.shape:
+        raise ValueError(f"weight shapes differ: {weights_a.shape} vs {weights_b.shape}")
+    dot = jnp.sum(weights_a * weights_b, axis=-1)
+    norms = jnp.linalg.norm(weights_a, axis=-1) * jnp.linalg.norm(weights_b, axis=-1)
+    return jnp.mean(dot / (norms + eps), axis=0)
 
 
 def linearity_r2(preds: jax.Array, probes: jax.Array) -> jax.Array:
@@ -99,4 +119,5 @@ def error_curve(preds: jax.Array, targets: jax.Array, dim: int) -> jax.Array:
     return spd(preds, targets, dim)
 
 
-__all__ = ["spd", "implicit_weights", "ilwd", "mspd", "linearity_r2", "error_curve"]
+__all__ = ["spd", "implicit_weights", "ilwd", "mspd", "underdetermined_mspd", "cosine",
+           "linearity_r2", "error_curve"]

@@ -387,6 +387,31 @@ def welore_classify(spectra: Mapping[str, jax.Array], target_reduction: float, *
     return out
 
 
+def welore_kept_ranks(split: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, int], float]:
+    """WeLore's compression (arXiv 2407.11239): Low-Rank Components are truncated to their kept
+    rank, the other matrices stay full rank.
+
+    Args:
+      split: :func:`welore_classify`'s output.
+    Returns:
+      ``(kept, dropped_fraction)``: ``{name: rank kept}`` and the fraction of all singular values
+      dropped (``sum (rank - kept) / sum rank``; only LRCs drop any).
+    """
+    kept = {name: int(v["kept_rank"] if v["lrc"] else v["rank"]) for name, v in split.items()}
+    total = sum(int(v["rank"]) for v in split.values())
+    if total == 0:
+        raise ValueError("split is empty: nothing to compress")
+    return kept, sum(int(v["rank"]) - kept[name] for name, v in split.items()) / total
+
+
+def uniform_kept_ranks(ranks: Mapping[str, int], fraction: float) -> dict[str, int]:
+    """The uniform baseline at the same budget: every matrix drops ``round(fraction * rank)`` of
+    its ``rank`` singular values (``fraction`` in ``[0, 1]``). Returns ``{name: rank kept}``."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    return {name: int(r) - int(round(fraction * int(r))) for name, r in ranks.items()}
+
+
 def _singular_vectors(x: jax.Array, side: str) -> jax.Array:
     u, _, vt = jnp.linalg.svd(x.astype(jnp.promote_types(x.dtype, jnp.float32)),
                               full_matrices=False)
@@ -436,9 +461,32 @@ def intruder_dimensions(w_base: jax.Array, w_tuned: jax.Array, *, k: int = 10,
     Returns:
       ``(mask (..., k) bool, count (...) int32)``.
     """
-    sims = max_cosine_similarity(w_base, w_tuned, k=k, side=side)
-    mask = sims < threshold
+    mask = intruder_mask(max_cosine_similarity(w_base, w_tuned, k=k, side=side), threshold)
     return mask, jnp.sum(mask, axis=-1).astype(jnp.int32)
+
+
+def intruder_mask(similarity: jax.Array, threshold: float) -> jax.Array:
+    """The intruder rule (arXiv 2410.21228, Sec. 3): a tuned singular vector whose largest
+    absolute cosine with the base singular vectors (:func:`max_cosine_similarity`, ``(..., k)``)
+    is below ``threshold`` (``epsilon``) is an intruder. Returns ``(..., k)`` bool."""
+    if isinstance(threshold, (int, float)) and not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold (epsilon) must be in (0, 1], got {threshold}")
+    return similarity < threshold
+
+
+def intruder_counts(similarities: Sequence[jax.Array] | Mapping[str, jax.Array],
+                    thresholds: Sequence[float]) -> dict[float, int]:
+    """Intruder dimensions summed over several matrices, for each threshold.
+
+    Args:
+      similarities: :func:`max_cosine_similarity` of every matrix (each ``(..., k)``).
+      thresholds: the ``epsilon`` values.
+    Returns:
+      ``{epsilon: total number of intruders}`` (Python ints).
+    """
+    values = list(similarities.values() if isinstance(similarities, Mapping) else similarities)
+    return {eps: int(sum(int(np.sum(np.asarray(intruder_mask(jnp.asarray(v), eps))))
+                         for v in values)) for eps in thresholds}
 
 
 def spectrum_metrics(s: jax.Array, metrics: Sequence[str], *, rank: int = 8,

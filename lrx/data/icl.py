@@ -115,3 +115,40 @@ def stack_tokens(x: jax.Array, y: jax.Array, x_query: jax.Array) -> jax.Array:
     ctx = jnp.concatenate([x, y[..., None].astype(x.dtype)], axis=-1)
     query = jnp.concatenate([x_query, jnp.zeros(x_query.shape[:-1] + (1,), x.dtype)], axis=-1)
     return jnp.concatenate([ctx, query[..., None, :]], axis=-2)
+
+
+LAYOUTS = ("interleave", "stack")
+
+
+def place_probes(tokens: jax.Array, probes: jax.Array, position: int | jax.Array,
+                 layout: str) -> jax.Array:
+    """Copies of a prompt with its query token replaced by each probe input.
+
+    The query token at ``position`` becomes the probe's x-token in ``layout``: ``[0, x']``
+    (``"interleave"``, :func:`interleave`'s x-tokens) or ``[x', 0]`` (``"stack"``,
+    :func:`stack_tokens`' query). Both models are causal or read only the query, so tokens after
+    ``position`` do not matter.
+
+    Args:
+      tokens: ``(B, T, d + 1)`` prompts.
+      probes: ``(B, m, d)`` probe inputs ``x'_j``, ``m`` per prompt.
+      position: index of the query token (``2k`` for prefix ``k`` in the interleaved layout,
+        ``N`` in the stacked one).
+      layout: one of :data:`LAYOUTS`.
+    Returns:
+      ``(B, m, T, d + 1)``: prompt ``b`` with its token ``position`` set to probe ``(b, j)``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown token layout {layout!r}; choose one of {LAYOUTS}")
+    b, t, width = tokens.shape
+    if probes.ndim != 3 or probes.shape[0] != b or probes.shape[2] != width - 1:
+        raise ValueError(f"probes {probes.shape} do not fit tokens {tokens.shape}: need "
+                         f"(B={b}, m, d={width - 1})")
+    if isinstance(position, int) and not 0 <= position < t:  # may be traced (lax.map over k)
+        raise ValueError(f"position {position} outside the {t} tokens")
+    zero = jnp.zeros(probes.shape[:-1] + (1,), tokens.dtype)
+    parts = (zero, probes.astype(tokens.dtype)) if layout == "interleave" else (
+        probes.astype(tokens.dtype), zero)
+    query = jnp.concatenate(parts, axis=-1)                     # (B, m, d + 1)
+    seq = jnp.broadcast_to(tokens[:, None], (b, probes.shape[1], t, width))
+    return seq.at[:, :, position].set(query)

@@ -21,6 +21,10 @@ Numerics (no deviation from the paper's maths, only how it is evaluated): the lo
 ``sigma(-m_i)`` underflow; the risk-adaptive direction is evaluated in log space likewise. The
 dtype follows the inputs: pass float64 arrays under ``jax.enable_x64(True)`` for the limit studies.
 
+Closed forms: :func:`two_point_first_loss` (Thm 4.1: on the two-point example one step from 0
+gives ``theta_1 = gamma (1/2, 3/4)``, margins ``-gamma/4`` and ``7 gamma / 2``, so ``f(theta_1)``
+grows like ``gamma / 8`` while ``theta_2`` separates) and :func:`normalized_gd_bound` (Thm 6.1).
+
 A run from ``theta_0 = 0`` is ``lax.scan`` over iterations; :func:`sweep` is ``jax.vmap`` of it
 over a grid of step sizes, compiled once.
 """
@@ -28,6 +32,7 @@ over a grid of step sizes, compiled once.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -235,3 +240,21 @@ def scaled_distance(params: jax.Array, gammas: jax.Array, reference: jax.Array) 
     gammas = np.asarray(gammas, dtype=np.float64).reshape(-1, 1, 1)
     diff = params / gammas - np.asarray(reference, dtype=np.float64)[None]
     return np.max(np.linalg.norm(diff, axis=-1), axis=-1)
+
+
+def two_point_first_loss(gamma: float | np.ndarray) -> np.ndarray:
+    """Thm 4.1: ``f(theta_1) = (log(1 + e^{gamma/4}) + log(1 + e^{-7 gamma/2})) / 2`` after one
+    LR+GD step from 0 on :func:`lrx.data.separable.two_point`; ``gamma`` scalar or ``(G,)``
+    (float64, evaluated with ``logaddexp`` so large gammas do not overflow)."""
+    gamma = np.asarray(gamma, np.float64)
+    return 0.5 * (np.logaddexp(0.0, gamma / 4) + np.logaddexp(0.0, -3.5 * gamma))
+
+
+def normalized_gd_bound(n: int, radius: float, margin: float, gamma: float) -> float:
+    """Thm 6.1: Normalized LR+GD from 0 with step ``gamma`` separates ``n`` samples of radius
+    ``R`` and margin ``mu`` within ``R^2 / mu^2 + 2 log(2n - 1) / (gamma mu^2)`` iterations."""
+    if not (radius > 0 and 0 < margin <= radius) or n < 1:
+        raise ValueError(f"need n >= 1, R > 0 and 0 < mu <= R, got n={n}, R={radius}, "
+                         f"mu={margin}.")
+    check_gamma(gamma)
+    return radius**2 / margin**2 + 2 * math.log(2 * n - 1) / (gamma * margin**2)

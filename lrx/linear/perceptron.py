@@ -16,6 +16,11 @@ misclassified samples ``S_t = {i : y_i a_i^T theta_t <= 0}``:
     order and update ``theta <- theta + z_i`` whenever ``z_i^T theta <= 0``; at most ``R^2/mu^2``
     updates. We count updates (the paper's iterations) and full passes (epochs).
 
+Closed forms: :func:`batch_perceptron_bound` (Thm 3.3), :func:`perceptron_bound` (Thms 5.2,
+5.3) and :func:`worst_case_iterations` (Thm 5.1's dataset: the iterate is ``theta_k = (0.25 (1 +
+2 (k - 1) / n), (n - 2k) / (2n))`` and only the +1 point is misclassified until ``k > (3n + 2) /
+10``).
+
 Once ``S_t`` is empty the batch updates are zero, so iterates stay put after separation; the
 trace continues to ``T`` so that it can be compared step by step with LR+GD.
 """
@@ -23,6 +28,7 @@ trace continues to ``T`` so that it can be compared step by step with LR+GD.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -177,3 +183,31 @@ def _check(features, labels) -> None:
                          f"{features.shape}); need n >= 1 samples with d >= 1 features.")
     if labels.shape != (features.shape[0],):
         raise ValueError(f"labels must have shape ({features.shape[0]},), got {labels.shape}.")
+
+
+def _check_geometry(radius: float, margin: float) -> None:
+    if not (radius > 0 and margin > 0 and margin <= radius):
+        raise ValueError(f"need a radius R > 0 and a margin 0 < mu <= R, got R={radius}, "
+                         f"mu={margin}.")
+
+
+def batch_perceptron_bound(n: int, radius: float, margin: float) -> float:
+    """Thm 3.3: the Batch Perceptron separates ``n`` samples of radius ``R = max_i ||a_i||`` and
+    margin ``mu`` within ``n R^2 / mu^2`` iterations."""
+    _check_geometry(radius, margin)
+    return n * radius**2 / margin**2
+
+
+def perceptron_bound(radius: float, margin: float) -> float:
+    """Thms 5.2 (classical Perceptron, Novikoff) and 5.3 (Normalized Batch Perceptron): at most
+    ``R^2 / mu^2`` iterations (updates for the classical one)."""
+    _check_geometry(radius, margin)
+    return radius**2 / margin**2
+
+
+def worst_case_iterations(n: int) -> int:
+    """Iterations the Batch Perceptron needs on :func:`lrx.data.separable.worst_case` ``(n)``
+    (Thm 5.1): ``floor((3n + 2) / 10) + 1``, linear in ``n``."""
+    if n < 2:
+        raise ValueError(f"the worst-case dataset needs n >= 2 samples, got {n}.")
+    return math.floor((3 * n + 2) / 10) + 1

@@ -29,7 +29,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from lrx.param import dot, read_kernel
 
@@ -189,8 +188,3 @@ def gd_lsa_params(dim: int, step: float) -> dict:
     wv = jnp.zeros((width, width), jnp.float32).at[dim, dim].set(step)
     return {"params": {"query": qk, "key": qk, "value": wv,
                        "projection": jnp.eye(width, dtype=jnp.float32)}}
-
-
-def count_params(params: Any) -> int:
-    """Number of scalars in a parameter tree."""
-    return int(sum(np.size(p) for p in jax.tree_util.tree_leaves(params)))

@@ -219,8 +219,3 @@ class Llama(nn.Module):
         logits = Linear(c.vocab_size, c.init_std, jnp.dtype(c.dtype), jnp.dtype(c.param_dtype),
                         name="lm_head")(x)
         return logits.astype(jnp.float32)
-
-
-def count_params(params: Any) -> int:
-    """Total number of scalars in a parameter pytree."""
-    return int(sum(x.size for x in jax.tree_util.tree_leaves(params)))

@@ -15,11 +15,7 @@ from typing import Any
 
 import jax
 
-from lrx.paths import path_str
-
-# The official recipe's selection for lrx's LLaMA (`lrx.models.llama`): attention and MLP kernels.
-ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"
-
+from lrx.paths import ATTN_MLP, path_str  # noqa: F401 - ATTN_MLP: the selection of GaLore's recipe
 
 path_name = path_str  # the name lrx.optim has always exported
 

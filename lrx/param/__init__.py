@@ -64,6 +64,7 @@ from lrx.param.tree import (
     apply,
     combine,
     count,
+    count_params,
     factory,
     materialize,
     merge_and_reinit,
@@ -80,6 +81,7 @@ __all__ = [
     "FACTORIES", "METHODS", "NOLA", "DoRA", "DoRAFactory", "Factored", "Factory", "LoRA",
     "LoRAFactory", "LowRank", "LowRankFactory", "NOLAFactory", "RandLoRA", "RandLoRAFactory",
     "SLTrainFactory", "SparsePlusLowRank", "VeRA", "VeRAFactory", "apply", "combine", "count",
+    "count_params",
     "dora", "dot", "factory", "is_node", "lora", "lowrank", "materialize", "merge_and_reinit",
     "nola", "partition", "path_str", "randlora", "read_kernel", "sltrain", "vera",
 ]

@@ -157,6 +157,14 @@ def _size_bytes(x: Any) -> tuple[int, int]:
     return size, size * jnp.dtype(x.dtype).itemsize
 
 
+def count_params(tree: PyTree) -> int:
+    """Number of scalars in the array leaves of ``tree`` (arrays or ``jax.ShapeDtypeStruct``;
+    factored nodes count their stored arrays). The one scalar counter of lrx: models, the training
+    loop and the experiments use it."""
+    return int(sum(np.prod(np.shape(x), dtype=np.int64) for x in jax.tree.leaves(tree)
+                   if hasattr(x, "shape")))
+
+
 def count(params: PyTree) -> dict[str, int]:
     """Parameter counts: ``{'trainable', 'frozen', 'trainable_bytes', 'frozen_bytes',
     'generated'}``; ``generated`` counts random-basis entries regenerated from seeds (stored

@@ -36,7 +36,13 @@ from lrx.ssm.recurrent import (
     scan,
     step,
 )
-from lrx.ssm.reference import ctilde_f64, dense_bilinear_f64, power_kernel_f64
+from lrx.ssm.reference import (
+    abar_power_norm_f64,
+    ctilde_f64,
+    dense_bilinear_f64,
+    power_kernel_f64,
+    relative_max_error,
+)
 
 __all__ = [
     "DISCRETIZATIONS", "INITS", "DPLRStep", "DiagStep", "c_from_ctilde", "ctilde",
@@ -44,4 +50,5 @@ __all__ = [
     "dplr_kernel_separate", "dplr_matrix", "dplr_step_params", "expand_conj", "hippo_legs",
     "init_state", "krylov_kernel", "legs_dplr", "legs_low_rank", "recover_c", "s4d_init",
     "s4d_kernel", "scan", "step", "ctilde_f64", "dense_bilinear_f64", "power_kernel_f64",
+    "abar_power_norm_f64", "relative_max_error",
 ]

@@ -37,3 +37,21 @@ def ctilde_f64(Lambda, P, Q, B, C, step: float, L: int) -> np.ndarray:
     Abar, _ = dense_bilinear_f64(Lambda, P, Q, B, step)
     C = np.asarray(C, np.complex128)
     return C - C @ np.linalg.matrix_power(Abar, L)
+
+
+def abar_power_norm_f64(Lambda, P, Q, B, step: float, L: int) -> float:
+    """``||Abar^L||_2`` (spectral norm, float64): how far ``C~ = C (I - Abar^L)`` is from ``C``."""
+    Abar, _ = dense_bilinear_f64(Lambda, P, Q, B, step)
+    return float(np.linalg.norm(np.linalg.matrix_power(Abar, L), 2))
+
+
+def relative_max_error(x, reference) -> float:
+    """``max |x - reference| / max |reference|`` (float64), the error measure of the kernel
+    reports; ``x`` and ``reference`` of one shape."""
+    x, reference = np.asarray(x), np.asarray(reference)
+    if x.shape != reference.shape:
+        raise ValueError(f"shapes differ: {x.shape} vs {reference.shape}")
+    scale = np.max(np.abs(reference))
+    if scale == 0:
+        raise ValueError("the reference is all zeros: the relative error is undefined")
+    return float(np.max(np.abs(x.astype(np.complex128) - reference)) / scale)

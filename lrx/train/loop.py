@@ -37,6 +37,8 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lrx.optim.subspace import tree_bytes
+from lrx.param import count_params
 from lrx.train import sharding as shd
 
 PyTree = Any
@@ -64,18 +66,6 @@ def create_state(params: PyTree, optimizer: optax.GradientTransformation, *, see
                       frozen={} if frozen is None else frozen,
                       opt_state=optimizer.init(params),
                       rng=jax.random.key_data(jax.random.key(seed)))
-
-
-def tree_bytes(tree: PyTree) -> int:
-    """Exact bytes of every array leaf of ``tree`` (arrays or ShapeDtypeStructs)."""
-    return int(sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize
-                   for x in jax.tree_util.tree_leaves(tree) if hasattr(x, "dtype")))
-
-
-def tree_size(tree: PyTree) -> int:
-    """Number of scalars in the array leaves of ``tree``."""
-    return int(sum(np.prod(x.shape, dtype=np.int64) for x in jax.tree_util.tree_leaves(tree)
-                   if hasattr(x, "shape")))
 
 
 def make_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
@@ -203,10 +193,12 @@ def host_peak_rss_bytes() -> int:
 
 
 class NonFiniteLoss(RuntimeError):
-    """Raised when the loss becomes NaN or infinite; carries the step."""
+    """Raised at the first step whose loss (or, at a checkpoint, whose resulting state) is NaN or
+    infinite; ``step`` is that step's index (0-based: the number of steps done before it)."""
 
-    def __init__(self, step: int, loss: float):
-        super().__init__(f"non-finite loss {loss} at step {step}; stopped without checkpointing "
+    def __init__(self, step: int, loss: float, *, what: str = "loss"):
+        value = f" {loss}" if what == "loss" else ""
+        super().__init__(f"non-finite {what}{value} at step {step}; stopped without checkpointing "
                          "this state (the last good checkpoint is kept)")
         self.step = step
 
@@ -422,6 +414,7 @@ def train(
     stop_at: int = 0,
     stop_grace_seconds: float = 60.0,
     blas_threads: int | None = 1,
+    metrics_lag: int = 1,
 ) -> dict:
     """Trains ``state`` to ``total_steps`` and returns a results dict.
 
@@ -457,14 +450,26 @@ def train(
         exits at once naming the step (the last good checkpoint is kept).
       blas_threads: limit of the host BLAS thread pools (:func:`limit_blas_threads`); None leaves
         them alone.
+      metrics_lag: the host reads a step's metrics (loss check, logging, progress) only after
+        this many later steps are dispatched, so the device always has work queued and no step
+        waits for a host round trip (0: read each step's metrics at once, blocking). Before a
+        checkpoint, an evaluation and the end every pending step is read, so a non-finite loss
+        still stops the run naming the *first* bad step, and no checkpoint holds its state.
+        With a lag, a step's hook records reach ``metrics.jsonl`` before its train record.
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
       'SIGTERM', 'SIGINT'), ``resumed_from``, ``broken_checkpoints`` (moved aside) and wall time.
+    Raises:
+      NonFiniteLoss: at the first step with a non-finite loss, or when the state to checkpoint
+        holds a non-finite value.
+      CheckpointMismatch: when no checkpoint of the workdir restores into ``state``.
     """
     os.makedirs(workdir, exist_ok=True)
     if micro_batches < 1:
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
+    if metrics_lag < 0:
+        raise ValueError(f"metrics_lag must be >= 0, got {metrics_lag}")
     if blas_threads is not None:
         limit_blas_threads(blas_threads)
     with _StopSignals(stop_grace_seconds) as stop:
@@ -474,7 +479,8 @@ def train(
                       eval_every=eval_every, log_every=log_every,
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                       learning_rate=learning_rate, tokens_per_step=tokens_per_step, hooks=hooks,
-                      progress=progress, tensorboard=tensorboard, stop_at=stop_at)
+                      progress=progress, tensorboard=tensorboard, stop_at=stop_at,
+                      metrics_lag=metrics_lag)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -484,182 +490,308 @@ def _format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+# ----------------------------------------------------------------------------------------------
+# The parts of a run: shardings and resume, the compiled step, evaluation, checkpoints, metrics.
+# ----------------------------------------------------------------------------------------------
+
+def _state_shardings(state: TrainState, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """``(abstract state, shardings)``: the state's shapes and its NamedShardings on ``mesh``
+    (step and rng replicated)."""
+    abstract = jax.eval_shape(lambda s: s, state)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    shardings = shd.tree_shardings(abstract, mesh).replace(step=replicated, rng=replicated)
+    return abstract, shardings
+
+
+def _batch_putter(mesh: Mesh, micro_batches: int) -> Callable[[PyTree], PyTree]:
+    """Host batch (leading axis ``micro_batches * B``) -> device batch of shape
+    ``(micro_batches, B, ...)``, sharded over B."""
+    def put(x):
+        x = np.asarray(x)
+        x = x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
+        return shd.put_batch(x, shd.batch_sharding(mesh, x.ndim, batch_axis=1))
+    return lambda host_batch: jax.tree_util.tree_map(put, host_batch)
+
+
+def _all_finite(tree: PyTree) -> jax.Array:
+    """Device-side scalar: every floating leaf of ``tree`` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+_all_finite_jit = jax.jit(_all_finite)
+
+
+class _Checkpoints:
+    """The run's orbax manager: resume from the newest checkpoint that restores, and saves that
+    refuse a non-finite state."""
+
+    def __init__(self, workdir: str, keep: int, stop: _StopSignals):
+        self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        self.keep = keep
+        self.stop = stop
+        stop.checkpoint_dir = self.directory
+        self.manager = _checkpoint_manager(self.directory, keep)
+
+    def restore(self, target: PyTree) -> tuple[TrainState | None, int | None, list[str]]:
+        """:func:`_restore_newest_good` into ``target``; reopens the manager when it moved
+        broken checkpoints aside (the manager caches the step list)."""
+        restored, step, broken = _restore_newest_good(self.manager, self.directory, target)
+        if broken:
+            self.manager.close()
+            self.manager = _checkpoint_manager(self.directory, self.keep)
+        self.stop.last_checkpoint = step
+        return restored, step, broken
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState) -> None:
+        """Writes ``state`` and waits until it is on disk (a checkpoint counts as good then).
+        Raises :class:`NonFiniteLoss` instead when any float in the state is not finite."""
+        import orbax.checkpoint as ocp
+
+        step = int(state.step)
+        if not bool(_all_finite_jit(state)):
+            raise NonFiniteLoss(step - 1, math.nan, what="state")
+        self.manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+        self.stop.last_checkpoint = step
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def _compile_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batches: int,
+                  shardings: TrainState, mesh: Mesh, state: TrainState, batch: PyTree):
+    """The jit'd, state-donating step compiled for ``(state, batch)``, and the memory dict
+    (param/frozen/opt-state bytes and counts, XLA memory analysis, compile seconds)."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    step_fn = jax.jit(make_step(loss_fn, optimizer, micro_batches=micro_batches),
+                      in_shardings=(shardings, None), out_shardings=(shardings, replicated),
+                      donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = step_fn.lower(state, batch).compile()
+    memory = {"param_bytes": tree_bytes(state.params), "param_count": count_params(state.params),
+              "frozen_bytes": tree_bytes(state.frozen),
+              "frozen_count": count_params(state.frozen),
+              "opt_state_bytes": tree_bytes(state.opt_state),
+              "train_step": memory_report(compiled),
+              "compile_seconds": time.perf_counter() - t0}
+    log.info("param bytes %d, optimizer-state bytes %d, compiled step memory %s",
+             memory["param_bytes"], memory["opt_state_bytes"], memory["train_step"])
+    return compiled, memory
+
+
+class _Evaluator:
+    """Means of ``eval_fn`` over the eval batches (put on the mesh once), logged with an
+    ``eval_`` prefix."""
+
+    def __init__(self, eval_fn, eval_batches: Sequence[PyTree], mesh: Mesh):
+        self.enabled = eval_fn is not None and bool(eval_batches)
+        self.history: list[dict] = []
+        self.last: dict = {}
+        if not self.enabled:
+            return
+        self.fn = jax.jit(eval_fn)
+        self.batches = [jax.tree_util.tree_map(lambda x: shd.put_batch(
+            np.asarray(x), shd.batch_sharding(mesh, np.ndim(x))), b) for b in eval_batches]
+
+    def __call__(self, step: int, state: TrainState, writer: MetricWriter) -> None:
+        results = [self.fn(state.params, state.frozen, b) for b in self.batches]
+        self.last = {f"eval_{k}": float(np.mean([float(r[k]) for r in results]))
+                     for k in results[0]}
+        writer.write(step, self.last)
+        self.history.append({"step": step, **self.last})
+
+
+class _StepMetrics:
+    """Reads the steps' metrics on the host, ``lag`` steps behind the device.
+
+    ``push`` keeps a dispatched step's metrics on the device; ``drain`` fetches those ``lag``
+    steps old (their values are ready or nearly, so the device never idles waiting for the host)
+    and ``flush`` fetches all. Each fetched step, in order: raises :class:`NonFiniteLoss` at the
+    first non-finite loss, then adds the step to the logging window (every ``log_every`` steps
+    one record of window means goes to ``metrics.jsonl``, ``history`` and the log or the bar).
+    A step's time is from when it could start (dispatched and the previous step seen done) to
+    when its metrics were seen.
+    """
+
+    def __init__(self, *, lag: int, start: int, total_steps: int, log_every: int,
+                 tokens_per_step: int, learning_rate, writer: MetricWriter, bar):
+        self.lag, self.start, self.total_steps = lag, start, total_steps
+        self.log_every, self.tokens_per_step = log_every, tokens_per_step
+        self.learning_rate, self.writer, self.bar = learning_rate, writer, bar
+        self.pending: list[tuple[int, dict, float]] = []  # (step index, device metrics, dispatch t)
+        self.window: list[dict] = []
+        self.history: list[dict] = []
+        self.train_seconds = 0.0
+        self.seen = start                                 # steps whose metrics were read
+        self._last_done = time.perf_counter()
+
+    def fetch(self, metrics: dict) -> dict:
+        """Blocks until ``metrics`` are on the host (a seam for tests)."""
+        return jax.device_get(metrics)
+
+    def push(self, index: int, metrics: dict) -> None:
+        self.pending.append((index, metrics, time.perf_counter()))
+
+    def restart_clock(self) -> None:
+        """Host work between steps (checkpoint, eval) does not count as step time."""
+        self._last_done = time.perf_counter()
+
+    def drain(self, dispatched: int) -> None:
+        """Reads every pending step at least ``lag`` steps older than ``dispatched``."""
+        while self.pending and self.pending[0][0] < dispatched - self.lag:
+            self._read(*self.pending.pop(0))
+
+    def flush(self) -> None:
+        while self.pending:
+            self._read(*self.pending.pop(0))
+
+    def _read(self, index: int, device_metrics: dict, dispatched_at: float) -> None:
+        metrics = self.fetch(device_metrics)
+        now = time.perf_counter()
+        loss = float(metrics["loss"])
+        if not math.isfinite(loss):
+            self.pending.clear()
+            raise NonFiniteLoss(index, loss)
+        dt = now - max(self._last_done, dispatched_at)
+        self._last_done = now
+        self.train_seconds += dt
+        step = index + 1
+        self.seen = step
+        self.window.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+                           | {"step_time": dt})
+        if step % self.log_every == 0 or step == self.total_steps:
+            self._log(step)
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{loss:.3f}",
+                                 tok_s=f"{self.tokens_per_step / max(dt, 1e-12):.0f}")
+
+    def _log(self, step: int) -> None:
+        window, self.window = self.window, []
+        record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
+        record["tokens_per_s"] = self.tokens_per_step / max(record["step_time"], 1e-12)
+        if self.learning_rate is not None:
+            record["lr"] = float(self.learning_rate(step - 1))
+        self.writer.write(step, record)
+        self.history.append({"step": step, **record})
+        if self.bar is None and jax.process_index() == 0:
+            eta = (self.total_steps - step) * self.train_seconds / max(step - self.start, 1)
+            log.info("step %d/%d loss %.4f grad_norm %.3g tokens/s %.0f eta %s", step,
+                     self.total_steps, record["loss"], record["grad_norm"],
+                     record["tokens_per_s"], _format_seconds(eta))
+
+
+def _progress_bar(progress: bool | None, total_steps: int, start: int):
+    use_bar = sys.stderr.isatty() if progress is None else progress
+    if not use_bar or jax.process_index() != 0:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train", unit="step")
+
+
 def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, total_steps, mesh,
            micro_batches, eval_fn, eval_batches, eval_every, log_every, checkpoint_every,
            keep_checkpoints, learning_rate, tokens_per_step, hooks, progress, tensorboard,
-           stop_at) -> dict:
-    abstract = jax.eval_shape(lambda s: s, state)
-    state_shardings = shd.tree_shardings(abstract, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    state_shardings = state_shardings.replace(step=replicated, rng=replicated)
-
-    directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
-    stop.checkpoint_dir = directory
-    manager = _checkpoint_manager(directory, keep_checkpoints)
+           stop_at, metrics_lag) -> dict:
+    abstract, shardings = _state_shardings(state, mesh)
+    checkpoints = _Checkpoints(workdir, keep_checkpoints, stop)
     writer = MetricWriter(workdir, tensorboard=tensorboard)
     target = jax.tree_util.tree_map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract,
-        state_shardings)
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     try:
-        restored, resumed_from, broken = _restore_newest_good(manager, directory, target)
+        restored, resumed_from, broken = checkpoints.restore(target)
     except CheckpointMismatch:
-        manager.close()
+        checkpoints.close()
         writer.close()
         raise
-    if broken:  # the manager caches the step list: reopen it without the moved checkpoints
-        manager.close()
-        manager = _checkpoint_manager(directory, keep_checkpoints)
     if resumed_from is not None:
         state = restored
         writer.truncate_after(resumed_from)
         log.info("resumed from checkpoint at step %d", resumed_from)
     else:
-        state = jax.device_put(state, state_shardings)
+        state = jax.device_put(state, shardings)
     start = int(state.step)
     stop.step = start
-    stop.last_checkpoint = resumed_from
 
-    def shard_batch(host_batch):
-        def put(x):
-            x = np.asarray(x)
-            x = x.reshape((micro_batches, x.shape[0] // micro_batches) + x.shape[1:])
-            return shd.put_batch(x, shd.batch_sharding(mesh, x.ndim, batch_axis=1))
-        return jax.tree_util.tree_map(put, host_batch)
-
-    step_fn = jax.jit(make_step(loss_fn, optimizer, micro_batches=micro_batches),
-                      in_shardings=(state_shardings, None),
-                      out_shardings=(state_shardings, replicated), donate_argnums=0)
-    first_batch = shard_batch(batch_fn(start))
-    t0 = time.perf_counter()
-    compiled = step_fn.lower(state, first_batch).compile()
-    compile_seconds = time.perf_counter() - t0
-    memory = {"param_bytes": tree_bytes(state.params), "param_count": tree_size(state.params),
-              "frozen_bytes": tree_bytes(state.frozen), "frozen_count": tree_size(state.frozen),
-              "opt_state_bytes": tree_bytes(state.opt_state),
-              "train_step": memory_report(compiled), "compile_seconds": compile_seconds}
-    log.info("param bytes %d, optimizer-state bytes %d, compiled step memory %s",
-             memory["param_bytes"], memory["opt_state_bytes"], memory["train_step"])
-
-    eval_jit = None
-    eval_device_batches = []
-    if eval_fn is not None and eval_batches:
-        eval_jit = jax.jit(eval_fn)
-        eval_device_batches = [
-            jax.tree_util.tree_map(lambda x: shd.put_batch(
-                np.asarray(x), shd.batch_sharding(mesh, np.ndim(x))), b) for b in eval_batches]
-
-    def evaluate(s: TrainState) -> dict:
-        results = [eval_jit(s.params, s.frozen, b) for b in eval_device_batches]
-        return {f"eval_{k}": float(np.mean([float(r[k]) for r in results])) for k in results[0]}
-
-    def save(s: TrainState) -> None:
-        import orbax.checkpoint as ocp
-
-        manager.save(int(s.step), args=ocp.args.StandardSave(s), force=True)
-        manager.wait_until_finished()  # a checkpoint counts as good once it is on disk
-        stop.last_checkpoint = int(s.step)
-
-    history, eval_history, hook_history = [], [], []
-    window: list[dict] = []
-    use_bar = sys.stderr.isatty() if progress is None else progress
-    bar = None
-    if use_bar and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=start, dynamic_ncols=True, desc="train",
-                   unit="step")
+    put_batch = _batch_putter(mesh, micro_batches)
+    batch = put_batch(batch_fn(start))
+    compiled, memory = _compile_step(loss_fn, optimizer, micro_batches, shardings, mesh, state,
+                                     batch)
+    evaluator = _Evaluator(eval_fn, eval_batches, mesh)
+    bar = _progress_bar(progress, total_steps, start)
+    metrics = _StepMetrics(lag=metrics_lag, start=start, total_steps=total_steps,
+                           log_every=log_every, tokens_per_step=tokens_per_step,
+                           learning_rate=learning_rate, writer=writer, bar=bar)
+    hook_history: list[dict] = []
     stopped_by = "end"
-    last_eval: dict = {}
-    tokens_seen = 0
-    train_seconds = 0.0
-    batch = first_batch
     step = start
     try:
+        metrics.restart_clock()
         while step < total_steps:
             if stop.signal is not None:  # arrived before this step (e.g. while compiling)
                 break
-            t_step = time.perf_counter()
-            state, metrics = compiled(state, batch)
+            state, step_metrics = compiled(state, batch)  # dispatched: runs while the host works
+            metrics.push(step, step_metrics)
             used_batch = batch
             if step + 1 < total_steps:  # host-side batch prep overlaps the device's step
-                batch = shard_batch(batch_fn(step + 1))
-            metrics = jax.device_get(metrics)
-            loss = float(metrics["loss"])
-            if not math.isfinite(loss):
-                raise NonFiniteLoss(step, loss)
+                batch = put_batch(batch_fn(step + 1))
             step += 1
             for hook in hooks:
                 state, extra = hook(step, state, used_batch)
                 if extra:
                     writer.write(step, extra)
                     hook_history.append({"step": step, **extra})
+            metrics.drain(step)
             stop.step = step
-            dt = time.perf_counter() - t_step
-            train_seconds += dt
-            tokens_seen += tokens_per_step
-            window.append({k: float(v) for k, v in metrics.items()
-                           if np.ndim(v) == 0} | {"step_time": dt})
-            if step % log_every == 0 or step == total_steps:
-                record = {k: float(np.mean([w[k] for w in window if k in w]))
-                          for k in window[-1]}
-                record["tokens_per_s"] = tokens_per_step / max(record["step_time"], 1e-12)
-                if learning_rate is not None:
-                    record["lr"] = float(learning_rate(step - 1))
-                writer.write(step, record)
-                history.append({"step": step, **record})
-                window = []
-                if bar is None and jax.process_index() == 0:
-                    done = step - start
-                    eta = (total_steps - step) * train_seconds / max(done, 1)
-                    log.info("step %d/%d loss %.4f grad_norm %.3g tokens/s %.0f eta %s", step,
-                             total_steps, record["loss"], record["grad_norm"],
-                             record["tokens_per_s"], _format_seconds(eta))
-            if eval_jit is not None and eval_every and (step % eval_every == 0
-                                                        or step == total_steps):
-                last_eval = evaluate(state)
-                writer.write(step, last_eval)
-                eval_history.append({"step": step, **last_eval})
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.3f}",
-                                tok_s=f"{tokens_per_step / max(dt, 1e-12):.0f}")
+            if evaluator.enabled and eval_every and (step % eval_every == 0
+                                                     or step == total_steps):
+                metrics.flush()
+                evaluator(step, state, writer)
+                metrics.restart_clock()
             if stop_at and step >= stop_at and step < total_steps and stop.signal is None:
                 stop.signal = f"stop_at={stop_at}"
             if stop.signal is not None:
                 break
             if checkpoint_every and step % checkpoint_every == 0 and step < total_steps:
-                save(state)
+                metrics.flush()  # the checkpoint follows only steps whose loss was seen finite
+                checkpoints.save(state)
+                metrics.restart_clock()
+        metrics.flush()
         stop.acknowledge()  # a step boundary: a first signal from here on waits for the save
         if stop.signal is not None:
             stopped_by = stop.signal
             if not stopped_by.startswith("stop_at"):
                 log.warning("%s received: saving a checkpoint at step %d and stopping",
                             stopped_by, step)
-        if eval_jit is not None and (not eval_history or eval_history[-1]["step"] != step):
-            last_eval = evaluate(state)
-            writer.write(step, last_eval)
-            eval_history.append({"step": step, **last_eval})
-        if manager.latest_step() != step:
-            save(state)
+        if evaluator.enabled and (not evaluator.history or evaluator.history[-1]["step"] != step):
+            evaluator(step, state, writer)
+        if checkpoints.latest_step() != step:
+            checkpoints.save(state)
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        checkpoints.close()
         writer.close()
         if bar is not None:
             bar.close()
 
-    steps_run = step - start
     return {
         "state": state,
-        "history": history,
-        "eval_history": eval_history,
+        "history": metrics.history,
+        "eval_history": evaluator.history,
         "hook_history": hook_history,
-        "final_eval": last_eval,
+        "final_eval": evaluator.last,
         "memory": memory | {"device_peak_bytes": device_peak_bytes(),
                             "host_peak_rss_bytes": host_peak_rss_bytes()},
-        "steps_run": steps_run,
-        "tokens_per_s": tokens_seen / train_seconds if train_seconds else 0.0,
-        "train_seconds": train_seconds,
+        "steps_run": step - start,
+        "tokens_per_s": (metrics.train_seconds and
+                         tokens_per_step * (step - start) / metrics.train_seconds) or 0.0,
+        "train_seconds": metrics.train_seconds,
         "stopped_by": stopped_by,
         "resumed_from": resumed_from,
         "broken_checkpoints": broken,

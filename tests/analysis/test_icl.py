@@ -71,3 +71,29 @@ def test_mspd_range_and_errors():
         A.mspd(curve, 3, 3)
     with pytest.raises(ValueError):
         A.spd(np.zeros((2, 3)), np.zeros((2, 4)), 1)
+
+
+def test_underdetermined_mspd_is_the_mean_over_one_to_d_minus_one():
+    curve = np.array([100.0, 1.0, 2.0, 3.0, 50.0])  # float64 stays float64 (NumPy in, NumPy out)
+    assert A.underdetermined_mspd(curve, 4) == pytest.approx(2.0, rel=1e-15)
+    assert A.underdetermined_mspd(curve, 1) == pytest.approx(1.0)   # d = 1: k = 1 alone
+    assert A.underdetermined_mspd(curve, 99) == pytest.approx(14.0)  # clipped to the curve
+    assert float(A.mspd(curve, 1)) == pytest.approx(np.mean(curve[1:]), rel=1e-15)
+
+
+def test_cosine_against_numpy_float64():
+    rng = np.random.default_rng(4)
+    wa, wb = rng.normal(size=(7, 3, 5)), rng.normal(size=(7, 3, 5))
+    def cos(u, v):
+        return u @ v / np.sqrt((u @ u) * (v @ v))
+
+    expected = np.mean([[cos(wa[b, k], wb[b, k]) for k in range(3)] for b in range(7)], axis=0)
+    np.testing.assert_allclose(A.cosine(wa.astype(np.float32), wb.astype(np.float32)), expected,
+                               rtol=1e-5)
+    # parallel and antiparallel weights: +1 and -1; zero weights: 0, not NaN
+    w = wa[:, :1].astype(np.float32)
+    np.testing.assert_allclose(A.cosine(w, 3 * w), [1.0], rtol=1e-6)
+    np.testing.assert_allclose(A.cosine(w, -w), [-1.0], rtol=1e-6)
+    np.testing.assert_allclose(A.cosine(w, 0 * w), [0.0])
+    with pytest.raises(ValueError, match="shapes differ"):
+        A.cosine(wa, wb[:, :2])

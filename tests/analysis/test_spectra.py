@@ -189,6 +189,33 @@ def test_welore_threshold_hits_the_target_and_classifies_heavy_tails():
         spectra.welore_threshold([heavy], 1.0)
 
 
+def test_welore_kept_ranks_and_the_uniform_baseline_by_hand():
+    split = {"a": {"rank": 10, "kept_rank": 3, "lrc": True},
+             "b": {"rank": 10, "kept_rank": 8, "lrc": False},   # N-LRC: kept at full rank
+             "c": {"rank": 20, "kept_rank": 14, "lrc": True}}
+    kept, fraction = spectra.welore_kept_ranks(split)
+    assert kept == {"a": 3, "b": 10, "c": 14}
+    assert fraction == pytest.approx((7 + 0 + 6) / 40, rel=1e-15)
+    uniform = spectra.uniform_kept_ranks({"a": 10, "b": 10, "c": 20}, fraction)
+    # 13/40 of 10 = 3.25 -> drop 3; of 20 = 6.5 -> drop round(6.5) = 6 (banker's rounding)
+    assert uniform == {"a": 7, "b": 7, "c": 14}
+    assert spectra.uniform_kept_ranks({"a": 5}, 0.0) == {"a": 5}
+    assert spectra.uniform_kept_ranks({"a": 5}, 1.0) == {"a": 0}
+    with pytest.raises(ValueError, match="fraction"):
+        spectra.uniform_kept_ranks({"a": 5}, 1.5)
+    with pytest.raises(ValueError, match="empty"):
+        spectra.welore_kept_ranks({})
+
+
+def test_welore_kept_ranks_follow_classify():
+    heavy, flat = 10.0 * 0.6 ** np.arange(16), 1.0 + 0.01 * np.arange(16)[::-1]
+    split = spectra.welore_classify({"heavy": heavy, "flat": flat}, 0.3, min_ratio=0.4)
+    kept, fraction = spectra.welore_kept_ranks(split)
+    assert split["heavy"]["lrc"] and not split["flat"]["lrc"]
+    assert kept == {"heavy": split["heavy"]["kept_rank"], "flat": 16}
+    assert fraction == pytest.approx((16 - kept["heavy"]) / 32)
+
+
 # ----------------------------------------------------------------------------- intruders
 def _intruder_reference(w0, w1, k, eps):
     u0 = np.linalg.svd(w0, full_matrices=False)[0]
@@ -382,3 +409,23 @@ def test_a_layer_metrics_hook_leaves_training_unchanged(tmp_path):
     assert len(logged) == 4 and "w1/effective_rank" in logged[0]
     for a, b in zip(jax.tree_util.tree_leaves(finals[0]), jax.tree_util.tree_leaves(finals[1])):
         np.testing.assert_array_equal(a, b)
+
+
+def test_intruder_counts_sum_the_rule_over_matrices_and_thresholds():
+    rng = np.random.default_rng(11)
+    sims = {"a": rng.random((3, 5)), "b": rng.random(4)}   # batched and plain matrices
+    got = spectra.intruder_counts(sims, (0.2, 0.5, 1.0))
+    for eps in (0.2, 0.5, 1.0):
+        assert got[eps] == int((sims["a"] < eps).sum() + (sims["b"] < eps).sum())
+    assert spectra.intruder_counts(list(sims.values()), (0.5,)) == {0.5: got[0.5]}
+    # the mask is the same rule intruder_dimensions applies
+    w0, w1 = rng.standard_normal((12, 8)), rng.standard_normal((12, 8))
+    sim = spectra.max_cosine_similarity(jnp.asarray(w0, jnp.float32),
+                                        jnp.asarray(w1, jnp.float32), k=6)
+    mask, count = spectra.intruder_dimensions(jnp.asarray(w0, jnp.float32),
+                                              jnp.asarray(w1, jnp.float32), k=6, threshold=0.6)
+    np.testing.assert_array_equal(spectra.intruder_mask(sim, 0.6), mask)
+    np.testing.assert_array_equal(mask, _intruder_reference(w0, w1, 6, 0.6))
+    assert spectra.intruder_counts([sim], (0.6,)) == {0.6: int(count)}
+    with pytest.raises(ValueError, match="epsilon"):
+        spectra.intruder_mask(sim, 0.0)

@@ -57,3 +57,33 @@ def test_stack_tokens_layout():
     y = np.array([5.0, 6.0], np.float32)
     tok = np.asarray(icl.stack_tokens(x, y, np.array([7.0, 8.0], np.float32)))
     np.testing.assert_array_equal(tok, [[1, 2, 5], [3, 4, 6], [7, 8, 0]])
+
+
+@pytest.mark.parametrize("layout", icl.LAYOUTS)
+def test_place_probes_sets_only_the_query_token(layout):
+    rng = np.random.default_rng(5)
+    b, n, d, m = 2, 3, 4, 5
+    x, y = rng.normal(size=(b, n, d)), rng.normal(size=(b, n))
+    if layout == "interleave":
+        tokens, position = np.asarray(icl.interleave(x, y)), 2 * (n - 1)
+    else:
+        tokens, position = np.asarray(icl.stack_tokens(x[:, :-1], y[:, :-1], x[:, -1])), n - 1
+    probes = rng.normal(size=(b, m, d))
+    out = np.asarray(icl.place_probes(tokens, probes, position, layout))
+    assert out.shape == (b, m) + tokens.shape[1:]
+    for i in range(b):
+        for j in range(m):
+            expected = tokens[i].copy()
+            expected[position] = (np.r_[0.0, probes[i, j]] if layout == "interleave"
+                                  else np.r_[probes[i, j], 0.0])
+            np.testing.assert_allclose(out[i, j], expected, rtol=1e-6)
+
+
+def test_place_probes_rejects_bad_input():
+    tokens = np.zeros((2, 5, 4), np.float32)
+    with pytest.raises(ValueError, match="choose one of"):
+        icl.place_probes(tokens, np.zeros((2, 1, 3)), 0, "random")
+    with pytest.raises(ValueError, match="do not fit"):
+        icl.place_probes(tokens, np.zeros((2, 1, 4)), 0, "stack")
+    with pytest.raises(ValueError, match="outside"):
+        icl.place_probes(tokens, np.zeros((2, 1, 3)), 5, "stack")

@@ -206,3 +206,31 @@ def test_mixed_rules_in_one_sweep(data):
             np.testing.assert_allclose(mixed.params[g], alone.params, rtol=1e-12, atol=1e-14)
     with pytest.raises(ValueError, match="one per step size"):
         logistic.sweep(features, labels, gammas, 3, rule=rules[:2])
+
+
+def test_two_point_first_loss_against_one_numpy_gd_step():
+    ds = separable.two_point()
+    gammas = np.array([1e-3, 0.5, 3.0, 40.0, 1e3, 1e6])
+    expected = []
+    for gamma in gammas:  # theta_1 from the paper's GD formulas, loss from its margins
+        theta1 = np_gd(ds.features, ds.labels, gamma, 1)[1]
+        m = ds.labels * (ds.features @ theta1)
+        expected.append(np.mean(np.logaddexp(0.0, -m)))
+    np.testing.assert_allclose(logistic.two_point_first_loss(gammas), expected, rtol=1e-12)
+    assert logistic.two_point_first_loss(1e6) == pytest.approx(1e6 / 8, rel=1e-12)
+
+
+def test_normalized_gd_bound_closed_form_holds_on_the_worst_case():
+    n, gamma = 50, 1.0
+    ds = separable.worst_case(n)
+    radius = separable.radius(ds.features)
+    bound = logistic.normalized_gd_bound(n, radius, 0.5, gamma)
+    assert bound == pytest.approx(1.25 / 0.25 + 2 * np.log(2 * n - 1) / (gamma * 0.25))
+    iterations = int(np.argmax([np.all((ds.labels[:, None] * ds.features) @ th > 0)
+                                for th in np_gd(ds.features, ds.labels, gamma, 60,
+                                                normalized=True)]))
+    assert 0 < iterations <= bound
+    with pytest.raises(ValueError, match="mu"):
+        logistic.normalized_gd_bound(n, radius, 0.0, gamma)
+    with pytest.raises(ValueError, match="gamma > 0"):
+        logistic.normalized_gd_bound(n, radius, 0.5, -1.0)

@@ -98,3 +98,31 @@ def test_bad_input():
         perceptron.perceptron(np.zeros((0, 2)), np.zeros(0))
     with pytest.raises(ValueError, match="max_epochs"):
         perceptron.perceptron(np.ones((2, 2)), np.ones(2), max_epochs=0)
+
+
+def test_worst_case_iterations_against_a_numpy_batch_perceptron():
+    # independent float64 loop of the Batch Perceptron (first step halved) on Thm 5.1's dataset
+    for n in (2, 3, 7, 10, 11, 23, 48, 61):
+        ds = separable.worst_case(n)
+        z = ds.labels[:, None] * ds.features
+        theta, t = np.zeros(2), 0
+        while np.any(z @ theta <= 0):
+            theta = theta + z[z @ theta <= 0].sum(axis=0) / n * (0.5 if t == 0 else 1.0)
+            t += 1
+        assert perceptron.worst_case_iterations(n) == t, n
+    with pytest.raises(ValueError, match="n >= 2"):
+        perceptron.worst_case_iterations(1)
+
+
+def test_perceptron_bounds_closed_forms_and_errors():
+    # worst-case dataset: R^2 = 1.25, mu = 0.5, so R^2/mu^2 = 5 and Thm 3.3 gives 5n
+    ds = separable.worst_case(40)
+    radius = separable.radius(ds.features)
+    assert radius**2 == pytest.approx(1.25, rel=1e-15)
+    assert perceptron.perceptron_bound(radius, 0.5) == pytest.approx(5.0, rel=1e-14)
+    assert perceptron.batch_perceptron_bound(40, radius, 0.5) == pytest.approx(200.0, rel=1e-14)
+    assert perceptron.worst_case_iterations(40) <= perceptron.batch_perceptron_bound(
+        40, radius, 0.5)
+    for r, mu in ((1.0, 0.0), (0.0, 0.0), (1.0, 2.0)):
+        with pytest.raises(ValueError, match="margin"):
+            perceptron.perceptron_bound(r, mu)

@@ -8,6 +8,7 @@ import pytest
 
 from lrx.data import icl
 from lrx.models import gpt
+from lrx.param import count_params
 from lrx.train.scan import fit
 
 D, N = 3, 5
@@ -28,7 +29,7 @@ def test_shapes_and_param_count():
     params = model.init(jax.random.key(0), tok)
     out = model.apply(params, tok)
     assert out.shape == (2, 2 * N - 1)
-    assert gpt.count_params(params) > 0
+    assert count_params(params) > 0
     names = set(params["params"]["block_0"]["attn"])
     assert names == {"query", "key", "value", "out"}
 

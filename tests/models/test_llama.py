@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from lrx.models import llama
+from lrx.param import count_params
 
 SMALL = llama.LlamaConfig(hidden_size=32, intermediate_size=48, num_heads=4, num_layers=2,
                           vocab_size=64, max_len=32)
 
 
 def _params(cfg, T=12, seed=0):
-    return llama.Llama(cfg).init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"]
+    # jitted: one compile instead of op-by-op dispatch (the slow part on CPU)
+    init = jax.jit(llama.Llama(cfg).init)
+    return init(jax.random.key(seed), jnp.zeros((1, T), jnp.int32))["params"]
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -24,8 +27,9 @@ def test_causal_changing_future_token_leaves_past_logits(scan):
     t = 6
     changed = tokens.copy()
     changed[:, t + 1] = (changed[:, t + 1] + 7) % 64
-    a = llama.Llama(cfg).apply({"params": params}, tokens)
-    b = llama.Llama(cfg).apply({"params": params}, changed)
+    apply = jax.jit(llama.Llama(cfg).apply)
+    a = apply({"params": params}, tokens)
+    b = apply({"params": params}, changed)
     np.testing.assert_allclose(a[:, : t + 1], b[:, : t + 1], rtol=0, atol=1e-6)
     assert np.abs(np.asarray(a[:, t + 1:]) - np.asarray(b[:, t + 1:])).max() > 1e-4
 
@@ -95,7 +99,7 @@ def test_presets_match_galore_configs_parameter_counts():
         expected = 2 * 32000 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
         shapes = jax.eval_shape(lambda c=cfg: llama.Llama(c).init(
             jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-        assert llama.count_params(shapes) == expected
+        assert count_params(shapes) == expected
 
 
 def test_bad_config_messages():
@@ -118,13 +122,14 @@ def test_factored_kernels_without_witness_and_whole_tree_gradient():
                  vocab_size=11, max_len=8)
     tokens = jax.random.randint(jax.random.key(0), (2, 8), 0, 11)
     model = llama.Llama(cfg)
-    params = model.init(jax.random.key(1), tokens)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), tokens)["params"]
     fparams = P.apply(params, [(r".*/attn/.*/kernel", P.lowrank(4)),
                                (r".*/mlp/.*/kernel", P.sltrain(4, density=0.2))],
                       jax.random.key(2))
     assert isinstance(fparams["layers_0"]["attn"]["q"]["kernel"], P.LowRank)
-    logits = model.apply({"params": fparams}, tokens)
-    dense = model.apply({"params": P.materialize(fparams)}, tokens)
+    apply = jax.jit(model.apply)
+    logits = apply({"params": fparams}, tokens)
+    dense = apply({"params": P.materialize(fparams)}, tokens)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(dense), rtol=1e-4, atol=1e-5)
     loss = lambda p: jnp.mean(model.apply({"params": p}, tokens) ** 2)  # noqa: E731
     g = jax.jit(jax.grad(loss))(fparams)

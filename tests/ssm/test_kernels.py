@@ -136,7 +136,7 @@ def test_gradients_are_finite():
 
     args = (Lam[:n].real, Lam[:n].imag, jnp.asarray(P[:n], jnp.complex64),
             jnp.asarray(B[:n], jnp.complex64), jnp.asarray(C[:n], jnp.complex64), np.log(0.01))
-    grads = jax.grad(loss, argnums=range(6))(*[jnp.asarray(a) for a in args])
+    grads = jax.jit(jax.grad(loss, argnums=range(6)))(*[jnp.asarray(a) for a in args])
     for g in grads:
         assert np.all(np.isfinite(np.asarray(g)))
 

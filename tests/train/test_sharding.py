@@ -29,6 +29,8 @@ def _losses(workdir):
         return [r["loss"] for r in map(json.loads, f) if "loss" in r]
 
 
+@pytest.mark.slow  # two run.py processes (~65 s on 2 loaded cores); the default suite checks the
+# same 8-device fsdp=4 x data=2 vs 1-device AdamW losses in tests/experiments/test_lm_multidevice.py
 def test_eight_fake_devices_fsdp4_data2_match_one_device(tmp_path):
     one = _run(tmp_path / "one")
     assert one.returncode == 0, one.stderr[-3000:]
