@@ -20,6 +20,7 @@ import ml_collections
 
 from experiments import common
 from experiments.common import ConfigError
+from lrx.paths import ATTN_MLP
 
 PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
 OPTIMIZERS = ("adamw", "galore", "frugal", "fira", "apollo")
@@ -28,7 +29,7 @@ DTYPES = ("float32", "bfloat16")
 ANALYSIS_TARGETS = ("grads", "params")
 # GaLore's recipe projects the attention and MLP matrices only; embeddings, LM head and norms get
 # the same Adam unprojected.
-PROJECT_ATTN_MLP = r".*(attn|mlp)/[^/]+/kernel"  # = lrx.optim.ATTN_MLP
+PROJECT_ATTN_MLP = ATTN_MLP  # one regex for the recipe: lrx.paths.ATTN_MLP
 log = logging.getLogger("lrx.lm")
 
 
