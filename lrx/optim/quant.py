@@ -1,8 +1,8 @@
 """Low-bit optimizer states: block-wise dynamic 8-bit quantization and 8-bit Adam(W).
 
-Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR 2022,
-arXiv 2110.02861, as implemented by the official ``bitsandbytes`` (``functional.create_dynamic_map``,
-``quantize_blockwise`` and the 8-bit blockwise Adam kernel):
+Dettmers, Lewis, Shleifer, Zettlemoyer, "8-bit Optimizers via Block-wise Quantization", ICLR
+2022, arXiv 2110.02861, as implemented by the official ``bitsandbytes``
+(``functional.create_dynamic_map``, ``quantize_blockwise`` and the 8-bit blockwise Adam kernel):
 
 * **Dynamic tree quantization map** (Sec. 2.2/App. F): 256 values in ``[-1, 1]``. For exponent
   ``i = 0 .. 6`` the decade ``10^(i-6)`` holds the midpoints of ``linspace(0.1, 1, k_i + 1)`` with

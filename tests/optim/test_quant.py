@@ -85,7 +85,8 @@ def test_store_load_and_state_bytes():
     small = quant.store(jnp.ones((10,)), "8bit")       # < min_size: stays float32
     assert small.dtype == jnp.float32
     # vmap over a leading axis (per-layer states) keeps a batch axis on codes and absmax.
-    stacked = jax.vmap(lambda a: quant.store(a, "8bit", block_size=256, min_size=0))(x.reshape(4, 16, 128))
+    stacked = jax.vmap(lambda a: quant.store(a, "8bit", block_size=256, min_size=0))(
+        x.reshape(4, 16, 128))
     assert stacked.codes.shape == (4, 8, 256) and stacked.absmax.shape == (4, 8)
     back = quant.load(stacked)
     assert back.shape == (4, 16, 128)
