@@ -181,11 +181,14 @@ class ScaleByAdam8bitState(NamedTuple):
 
 def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
                        moment_dtype: str = "8bit", block_size: int = 2048,
-                       min_size: int = 4096) -> optax.GradientTransformation:
+                       min_size: int = 4096, chunk_blocks: int = 256
+                       ) -> optax.GradientTransformation:
     """Adam's direction ``m̂ / (sqrt(v̂) + eps)`` (as ``optax.scale_by_adam``) with the moments
     stored per :func:`store`: block-wise 8-bit (default; signed map for ``m``, unsigned for ``v``),
     ``'bfloat16'`` or ``'float32'``. The update of a step uses its float32 moments before they are
-    re-quantized (bitsandbytes' kernel). Leaves of any shape; shapes are preserved."""
+    re-quantized (bitsandbytes' kernel). Leaves of any shape; shapes are preserved. 8-bit leaves
+    are processed ``chunk_blocks`` blocks at a time (``lax.map``), so the float32 temporaries of
+    the update cover one chunk (512K values by default), not the whole tensor."""
     check_moment_dtype(moment_dtype)
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -200,6 +203,35 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
             mu=jax.tree_util.tree_map(lambda p: keep(zeros(p), True), params),
             nu=jax.tree_util.tree_map(lambda p: keep(zeros(p), False), params))
 
+    def adam(g32, mu, nu, c1, c2):
+        mu = b1 * mu + (1 - b1) * g32
+        nu = b2 * nu + (1 - b2) * g32 * g32
+        return (mu / c1) / (jnp.sqrt(nu / c2) + eps), mu, nu
+
+    def blockwise(g, mu_q, nu_q, c1, c2):
+        """8-bit moments: dequantize, update and re-quantize ``chunk_blocks`` blocks at a time
+        (``lax.map``), so temporaries hold one chunk, not the whole tensor in float32."""
+        num_blocks, size = mu_q.codes.shape[0], g.size
+        flat = jnp.pad(jnp.ravel(g), (0, num_blocks * block_size - size))
+        flat = flat.reshape(num_blocks, block_size)
+        mu_map, nu_map = jnp.asarray(_MAPS[True]), jnp.asarray(_MAPS[False])
+
+        def one(args):
+            gb, mc, ma, nc, na = args
+            mu = mu_map[mc.astype(jnp.int32)] * ma
+            nu = nu_map[nc.astype(jnp.int32)] * na
+            u, mu, nu = adam(gb.astype(jnp.float32), mu, nu, c1, c2)
+            mq, nq = (quantize(mu, signed=True, block_size=block_size),
+                      quantize(nu, signed=False, block_size=block_size))
+            return u.astype(g.dtype), mq.codes[0], mq.absmax[0], nq.codes[0], nq.absmax[0]
+
+        u, mc, ma, nc, na = jax.lax.map(
+            one, (flat, mu_q.codes, mu_q.absmax, nu_q.codes, nu_q.absmax),
+            batch_size=min(chunk_blocks, num_blocks))
+        u = u.reshape(-1)[:size].reshape(g.shape)
+        return (u, QuantizedArray(mc, ma, mu_q.shape, mu_q.dtype, True),
+                QuantizedArray(nc, na, nu_q.shape, nu_q.dtype, False))
+
     def update_fn(updates, state, params=None):  # noqa: ARG001
         count = optax.safe_int32_increment(state.count)
         t = count.astype(jnp.float32)
@@ -209,12 +241,14 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         flat_nu = treedef.flatten_up_to(state.nu)
         out, new_mu, new_nu = [], [], []
         for g, mu_s, nu_s in zip(flat_g, flat_mu, flat_nu, strict=True):
-            g32 = g.astype(jnp.float32)
-            mu = b1 * load(mu_s) + (1 - b1) * g32
-            nu = b2 * load(nu_s) + (1 - b2) * g32 * g32
-            out.append(((mu / c1) / (jnp.sqrt(nu / c2) + eps)).astype(g.dtype))
-            new_mu.append(keep(mu, True))
-            new_nu.append(keep(nu, False))
+            if _is_quantized(mu_s) and mu_s.codes.ndim == 2:
+                u, mu, nu = blockwise(g, mu_s, nu_s, c1, c2)
+            else:
+                u, mu, nu = adam(g.astype(jnp.float32), load(mu_s), load(nu_s), c1, c2)
+                u, mu, nu = u.astype(g.dtype), keep(mu, True), keep(nu, False)
+            out.append(u)
+            new_mu.append(mu)
+            new_nu.append(nu)
         return treedef.unflatten(out), ScaleByAdam8bitState(
             count, treedef.unflatten(new_mu), treedef.unflatten(new_nu))
 
@@ -224,13 +258,13 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
 def adamw_8bit(learning_rate: float | Callable, b1: float = 0.9, b2: float = 0.999,
                eps: float = 1e-8, weight_decay: float = 1e-4, *, mask: Any = None,
                moment_dtype: str = "8bit", block_size: int = 2048,
-               min_size: int = 4096) -> optax.GradientTransformation:
+               min_size: int = 4096, chunk_blocks: int = 256) -> optax.GradientTransformation:
     """AdamW with 8-bit states (bitsandbytes' ``AdamW8bit``): :func:`scale_by_adam_8bit`, then
     decoupled weight decay on the leaves selected by ``mask`` and ``-learning_rate`` (a float or an
     optax schedule), the ordering of ``optax.adamw``."""
     return optax.chain(
         scale_by_adam_8bit(b1, b2, eps, moment_dtype=moment_dtype, block_size=block_size,
-                           min_size=min_size),
+                           min_size=min_size, chunk_blocks=chunk_blocks),
         optax.add_decayed_weights(weight_decay, mask),
         optax.scale_by_learning_rate(learning_rate))
 
