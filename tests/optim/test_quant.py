@@ -145,8 +145,9 @@ def test_adam_8bit_tracks_float32_adam():
 @pytest.mark.slow
 def test_tiny_llama_8bit_adamw_within_one_percent_of_float32():
     """A 2-layer LLaMA (hidden 64) on Shakespeare bytes, 150 steps of AdamW vs AdamW-8bit (every
-    matrix has >= 4096 values, so embeddings, head and kernels have 8-bit states): final eval loss
-    within 1%."""
+    matrix has >= 4096 values, so embeddings, head and kernels have 8-bit states), and of GaLore
+    (rank 16, refresh every 50 steps) with float32 Adam vs 8-bit Adam on the projected moments
+    (min_size=0, blocks of 256: every moment 8-bit): final eval losses within 1%."""
     from lrx.data import text
     from lrx.models.llama import Llama, preset
 
@@ -182,3 +183,11 @@ def test_tiny_llama_8bit_adamw_within_one_percent_of_float32():
     l8 = train(quant.adamw_8bit(schedule, eps=1e-8, weight_decay=0.0))
     assert l32 < 3.0                                     # learned well beyond unigram (~3.3)
     assert abs(l8 - l32) <= 0.01 * l32, (l8, l32)
+    import lrx.optim as lo
+
+    kw = dict(rank=16, update_proj_gap=50, mask=lambda p: lo.path_mask(p, lo.ATTN_MLP))
+    g32 = train(lo.galore(schedule, eps=1e-8, **kw))
+    g8 = train(lo.galore(schedule, base_optimizer=quant.scale_by_adam_8bit(
+        eps=1e-8, block_size=256, min_size=0), **kw))
+    assert g32 < 3.1
+    assert abs(g8 - g32) <= 0.01 * g32, (g8, g32)
