@@ -147,8 +147,10 @@ def _memory(compiled) -> dict:
                 argument_bytes=int(m.argument_size_in_bytes))
 
 
-def measure(c: ml_collections.ConfigDict, model_name: str, name: str) -> dict:
-    """One row: compile the train step of ``name`` for ``model_name`` from shapes."""
+def measure(c: ml_collections.ConfigDict, model_name: str, name: str, *,
+            compile: bool = True) -> dict:
+    """One row: compile the train step of ``name`` for ``model_name`` from shapes
+    (``compile=False``: parameter and state bytes only)."""
     import jax
     import jax.numpy as jnp
     import optax
@@ -180,15 +182,16 @@ def measure(c: ml_collections.ConfigDict, model_name: str, name: str) -> dict:
     state = jax.eval_shape(lambda p: loop.TrainState(
         step=jnp.zeros((), jnp.int32), params=p, frozen={}, opt_state=init(p),
         rng=jax.random.key_data(jax.random.key(0))), params)
-    t0 = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
     row = dict(model=model_name, optimizer=name, variant=variant,
                per_layer=variant == "per_layer", state_dtype=state_dtype,
                batch=f"{c.batch_size}x{c.seq_len}", param_bytes=loop.tree_bytes(params),
-               state_bytes=loop.tree_bytes(state.opt_state), **_memory(compiled),
-               compile_s=time.perf_counter() - t0)
-    del compiled
-    gc.collect()
+               state_bytes=loop.tree_bytes(state.opt_state))
+    if compile:
+        t0 = time.perf_counter()
+        compiled = jax.jit(step, donate_argnums=0).lower(state, batch).compile()
+        row.update(_memory(compiled), compile_s=time.perf_counter() - t0)
+        del compiled
+        gc.collect()
     return row
 
 
