@@ -31,15 +31,16 @@ count every matrix of the model). Seeded random projections (APOLLO; GaLore ``pr
 'random'|'randomized'``; FRUGAL ``'random'|'randperm'``) draw one layer's slice at a time, so
 their random matrices differ from the whole-stack draw of the ordinary step (same distribution).
 
-The loop carry and each layer's slice pass through ``lax.optimization_barrier``: XLA:CPU computes
-bf16 dots in float32, and without the barriers its simplifier carries the *whole* stacked
-weights through the backward loop in float32 (llama_7b: ``f32[32,4096,11008]`` and
-``f32[32,4096,4096]`` loop buffers, 24 GiB of the compiled temporaries).
+Both loops carry the stacks and pass their carry through ``lax.optimization_barrier``: XLA:CPU
+computes bf16 dots in float32, and without the barriers it converts the *whole* stacked weights
+to float32 once outside the loops (llama_7b: ``f32[32,4096,11008]`` and ``f32[32,4096,4096]``
+buffers in the loop tuples, 24 GiB of the compiled temporaries; 44.7 -> 22.0 GiB peak).
 
 Deviations: global-norm clipping needs the whole gradient; ``clip_norm > 0`` clips each layer's
 gradient and the outer gradient separately to that norm (per-layer clipping; the official
-per-layer path clips nothing). Gradient accumulation (``micro_batches > 1``) is refused, as in
-the official code.
+per-layer path clips nothing); an ``optax.clip_by_global_norm`` chained into ``optimizer`` acts
+the same way, since the optimizer sees one slice at a time. Gradient accumulation
+(``micro_batches > 1``) is refused, as in the official code.
 """
 
 from __future__ import annotations
