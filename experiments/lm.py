@@ -22,7 +22,7 @@ from experiments import common
 from experiments.common import ConfigError
 from lrx.paths import ATTN_MLP
 
-PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b")
+PRESET_NAMES = ("tiny", "llama_60m", "llama_130m", "llama_350m", "llama_1b", "llama_7b")
 OPTIMIZERS = ("adamw", "galore", "frugal", "fira", "apollo")
 SOURCES = ("shakespeare", "text_files", "hf")
 DTYPES = ("float32", "bfloat16")
@@ -81,7 +81,8 @@ def defaults() -> ml_collections.ConfigDict:
     c.experiment = "lm"
     c.seed = 0
     c.model = ml_collections.ConfigDict(dict(
-        preset="tiny", dtype="float32", param_dtype="float32", scan_layers=False, remat=False))
+        preset="tiny", dtype="float32", param_dtype="float32", scan_layers=False, remat=False,
+        vocab_size=0))  # 0: the corpus' vocabulary (256 bytes); 32000 = the papers' T5 tokenizer
     c.data = ml_collections.ConfigDict(dict(
         source="shakespeare", val_plays=("macbeth", "twelfth-night", "richard-ii"),
         paths="", val_paths="", hf_name="", hf_config="", hf_text_field="text",
@@ -242,6 +243,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         section, leaf = key.split(".")
         common.check_positive(c[section][leaf], key, allow_zero=True)
     common.check_positive(c.train.stop_grace_seconds, "train.stop_grace_seconds")
+    if c.model.vocab_size and c.model.vocab_size < 256:
+        raise ConfigError(f"model.vocab_size={c.model.vocab_size}: use 0 (the corpus' 256 "
+                          "bytes) or a vocabulary >= 256 (32000 as the papers)")
     _check_optimizer_values(c.optimizer)
     from lrx.models.llama import PRESETS
 
@@ -534,6 +538,7 @@ def build_model(c: ml_collections.ConfigDict, vocab_size: int):
     """The Llama module for the config (vocabulary from the data)."""
     from lrx.models.llama import Llama, preset
 
+    vocab_size = c.model.get("vocab_size", 0) or vocab_size  # model.vocab_size > 0 overrides
     cfg = preset(c.model.preset, vocab_size=vocab_size, dtype=c.model.dtype,
                  param_dtype=c.model.param_dtype, scan_layers=c.model.scan_layers,
                  remat=c.model.remat, max_len=max(c.data.seq_len,

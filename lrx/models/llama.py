@@ -7,7 +7,7 @@ LLM Training by Gradient Low-Rank Projection", Zhao et al., arXiv 2403.03507): p
 ``h = x + Attn(RMSNorm(x)); y = h + MLP(RMSNorm(h))`` with
 ``MLP(x) = W_down (silu(W_gate x) * W_up x)``, rotary embeddings in the "rotate half" convention,
 untied input embedding and LM head, every weight initialised from N(0, 0.02²)
-(``initializer_range``). The size presets ``llama_60m`` ... ``llama_1b`` match the GaLore
+(``initializer_range``). The size presets ``llama_60m`` ... ``llama_7b`` match the GaLore
 repository's ``configs/llama_*.json``.
 
 Every ``x @ W`` goes through :func:`lrx.param.dot`, so a factored weight (``LowRank``, ``LoRA``,
@@ -76,6 +76,9 @@ PRESETS: dict[str, LlamaConfig] = {
     "llama_350m": LlamaConfig(hidden_size=1024, intermediate_size=2736, num_heads=16,
                               num_layers=24),
     "llama_1b": LlamaConfig(hidden_size=2048, intermediate_size=5461, num_heads=32, num_layers=24),
+    # GaLore repository configs/llama_7b.json (the paper's 7B memory claim: Fig. 1, Table 6).
+    "llama_7b": LlamaConfig(hidden_size=4096, intermediate_size=11008, num_heads=32,
+                            num_layers=32),
 }
 
 

@@ -94,7 +94,8 @@ def test_presets_match_galore_configs_parameter_counts():
     # GaLore's LLaMA configs: (hidden, intermediate, heads, layers), vocab 32000, untied head.
     for name, (h, i, layers) in {"llama_60m": (512, 1376, 8), "llama_130m": (768, 2048, 12),
                                  "llama_350m": (1024, 2736, 24),
-                                 "llama_1b": (2048, 5461, 24)}.items():
+                                 "llama_1b": (2048, 5461, 24),
+                                 "llama_7b": (4096, 11008, 32)}.items():
         cfg = llama.PRESETS[name]
         expected = 2 * 32000 * h + layers * (4 * h * h + 3 * h * i + 2 * h) + h
         shapes = jax.eval_shape(lambda c=cfg: llama.Llama(c).init(
@@ -103,8 +104,8 @@ def test_presets_match_galore_configs_parameter_counts():
 
 
 def test_bad_config_messages():
-    with pytest.raises(ValueError, match="unknown model preset 'llama_7b'.*tiny"):
-        llama.preset("llama_7b")
+    with pytest.raises(ValueError, match="unknown model preset 'llama_13b'.*tiny.*llama_7b"):
+        llama.preset("llama_13b")
     with pytest.raises(ValueError, match="not divisible by num_heads"):
         llama.LlamaConfig(hidden_size=30, intermediate_size=8, num_heads=4, num_layers=1)
     cfg = SMALL

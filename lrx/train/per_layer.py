@@ -1,0 +1,218 @@
+"""Per-layer weight updates fused into the backward pass of a scanned layer stack.
+
+GaLore ("GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection", Zhao et al.,
+arXiv 2403.03507, Sec. 4.3 "per-layer weight updates"; official ``torchrun_main.py
+--optimizer galore_adamw8bit_per_layer``, after LOMO, arXiv 2306.09782) updates each weight as
+soon as its gradient exists (a PyTorch post-accumulate-grad hook per parameter), so the gradient
+of the whole model is never held at once. Here the same happens for a model written as
+``embed -> L identical layers (parameters stacked on a leading axis) -> head``:
+
+1. forward: ``x_0 = embed(outer, batch)``, a ``fori_loop`` over the layers keeping each layer's
+   input ``x_i`` (what a rematerialised scan keeps), ``loss = head(outer, x_L, batch)``;
+2. backward, layer ``L-1`` down to ``0`` in a ``fori_loop``: re-run layer ``i`` under ``jax.vjp``
+   (rematerialisation), get ``dW_i`` and ``dx_i``; update ``W_i`` at once with its slice of the
+   optimizer state and write both back into the stacks in place (``dynamic_update_slice`` on
+   the loop carry), so only one layer's gradient is alive at a time;
+3. the outer parameters (embeddings, final norm, LM head: the tree without ``layers_key``) are
+   updated last with the sum of their head and embedding gradients (2·V·H values, ~0.5 GiB at 7B
+   in bf16 — held together, where the official hooks update them one tensor at a time).
+
+The optimizer state is ``{'outer': optimizer.init(outer), 'layers': vmap(optimizer.init)(stack)}``:
+every state leaf of the layer part has a leading layer axis, so layer ``i`` reads and writes its
+own slice (counts included). Any optax transform whose update of one layer does not depend on
+another layer works (AdamW, GaLore, Fira, APOLLO, FRUGAL with a per-matrix subspace, 8-bit
+Adam); masks must be callables over the tree they are given (e.g.
+``lambda p: lrx.optim.path_mask(p, lrx.optim.ATTN_MLP)``), since the optimizer sees one layer's
+slice (paths like ``attn/q/kernel``) and the outer tree separately.
+
+Not separable per layer, refused by :func:`check_separable`: FRUGAL ``subspace='blocks'`` (the
+active blocks are drawn across the whole model each window) and ``stagger=True`` (refresh offsets
+count every matrix of the model). Seeded random projections (APOLLO; GaLore ``projector=
+'random'|'randomized'``; FRUGAL ``'random'|'randperm'``) draw one layer's slice at a time, so
+their random matrices differ from the whole-stack draw of the ordinary step (same distribution).
+
+Both loops carry the stacks and pass their carry through ``lax.optimization_barrier``: XLA:CPU
+computes bf16 dots in float32, and without the barriers it converts the *whole* stacked weights
+to float32 once outside the loops (llama_7b: ``f32[32,4096,11008]`` and ``f32[32,4096,4096]``
+buffers in the loop tuples, 24 GiB of the compiled temporaries; 44.7 -> 22.0 GiB peak).
+
+Deviations: global-norm clipping needs the whole gradient; ``clip_norm > 0`` clips each layer's
+gradient and the outer gradient separately to that norm (per-layer clipping; the official
+per-layer path clips nothing); an ``optax.clip_by_global_norm`` chained into ``optimizer`` acts
+the same way, since the optimizer sees one slice at a time. Gradient accumulation
+(``micro_batches > 1``) is refused, as in the official code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lrx.train.loop import TrainState
+
+PyTree = Any
+
+
+class PerLayer(NamedTuple):
+    """``init(params) -> opt_state`` and ``step(state, batch) -> (state, metrics)``."""
+
+    init: Callable[[PyTree], PyTree]
+    step: Callable[[TrainState, PyTree], tuple[TrainState, dict]]
+
+
+def check_separable(optimizer_name: str, options: Mapping[str, Any]) -> None:
+    """Raises ValueError when the optimizer ``optimizer_name`` with ``options`` (its keyword
+    arguments, e.g. ``{'subspace': 'blocks'}``) couples layers, so that per-layer updates cannot
+    reproduce it."""
+    if optimizer_name == "frugal" and options.get("subspace", "svd") == "blocks":
+        raise ValueError("per-layer updates: FRUGAL subspace='blocks' draws the active blocks "
+                         "across the whole model each window, which one layer cannot see; use "
+                         "a per-matrix subspace ('svd', 'random', 'randperm', 'columns', 'rows') "
+                         "or the ordinary step")
+    if options.get("stagger", False):
+        raise ValueError("per-layer updates: stagger=True offsets each matrix's refresh by its "
+                         "index among all matrices of the model; set stagger=False")
+
+
+def _split(params: Mapping, layers_key: str) -> tuple[dict, PyTree]:
+    if layers_key not in params:
+        raise ValueError(f"per-layer updates need the stacked layers under params[{layers_key!r}]"
+                         f" (a scanned model, e.g. LlamaConfig(scan_layers=True)); the top-level "
+                         f"keys are {sorted(params)}")
+    return {k: v for k, v in params.items() if k != layers_key}, params[layers_key]
+
+
+def _clip(tree: PyTree, max_norm: float) -> PyTree:
+    if not max_norm:
+        return tree
+    norm = optax.global_norm(tree)
+    factor = jnp.minimum(1.0, max_norm / jnp.maximum(norm, 1e-30))
+    return jax.tree_util.tree_map(lambda g: (g * factor).astype(g.dtype), tree)
+
+
+def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
+                        layer_fn: Callable[[PyTree, jax.Array], jax.Array],
+                        head_fn: Callable[[PyTree, jax.Array, PyTree], jax.Array],
+                        optimizer: optax.GradientTransformation, *, layers_key: str = "layers",
+                        clip_norm: float = 0.0) -> PerLayer:
+    """A train step that updates each layer inside the backward pass (see the module docstring).
+
+    Args:
+      embed_fn: ``(outer_params, batch) -> x_0`` (e.g. ``(B, T, H)`` activations).
+      layer_fn: ``(layer_params, x) -> x`` for one layer (``layer_params`` = one slice of the
+        stacked ``params[layers_key]``; same shape in and out).
+      head_fn: ``(outer_params, x_L, batch) -> loss`` (float32 scalar).
+      optimizer: any optax transform that is separable per layer (:func:`check_separable`);
+        masks must be callables.
+      layers_key: top-level key of the stacked layer parameters (leading axis = layers).
+      clip_norm: > 0 clips each layer's gradient and the outer gradient to this norm separately.
+
+    Returns:
+      :class:`PerLayer`: ``init(params)`` builds the opt_state of a :class:`TrainState`
+      (``{'outer': ..., 'layers': ...}``, layer leaves with a leading layer axis); ``step(state,
+      batch)`` takes ``batch`` with a leading micro-batch axis of size 1 (as
+      :func:`lrx.train.loop.make_step`) and returns the new state and ``{'loss', 'grad_norm'}``
+      (the global norm of the unclipped gradient, as the ordinary step).
+    """
+    if clip_norm < 0:
+        raise ValueError(f"clip_norm must be >= 0, got {clip_norm}")
+
+    def init(params: PyTree) -> PyTree:
+        outer, stack = _split(params, layers_key)
+        return {"outer": optimizer.init(outer), "layers": jax.vmap(optimizer.init)(stack)}
+
+    def step(state: TrainState, batch: PyTree) -> tuple[TrainState, dict]:
+        leading = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
+        if leading != {1}:
+            raise ValueError("per-layer updates take one micro-batch (a leading batch axis of "
+                             f"size 1), got leading sizes {sorted(leading)}: gradient "
+                             "accumulation is not supported with per-layer updates")
+        batch = jax.tree_util.tree_map(lambda x: x[0], batch)
+        rng, _ = jax.random.split(jax.random.wrap_key_data(state.rng))
+        outer, stack = _split(state.params, layers_key)
+        num_layers = jax.tree_util.tree_leaves(stack)[0].shape[0]
+
+        x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
+
+        take = lambda tree, i: jax.tree_util.tree_map(
+            lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), tree)
+        put = lambda tree, value, i: jax.tree_util.tree_map(
+            lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v.astype(a.dtype), i, 0),
+            tree, value)
+
+        # The stacks travel as loop carries through optimization barriers: XLA:CPU computes
+        # bf16 dots in float32 and would otherwise hoist a float32 copy of the whole stacked
+        # weights out of the loops (llama_7b: f32[32,4096,11008] loop buffers, 24 GiB).
+        def forward(i, carry):
+            x, saved, stack = jax.lax.optimization_barrier(carry)
+            saved = jax.lax.dynamic_update_index_in_dim(saved, x, i, 0)
+            return layer_fn(take(stack, i), x), saved, stack
+
+        x_last, inputs, stack = jax.lax.fori_loop(
+            0, num_layers, forward, (x0, jnp.zeros((num_layers, *x0.shape), x0.dtype), stack))
+        loss, (g_head, g_x) = jax.value_and_grad(head_fn, argnums=(0, 1))(outer, x_last, batch)
+
+        def backward(k, carry):
+            g_x, stack, layer_state, sq = jax.lax.optimization_barrier(carry)
+            i = num_layers - 1 - k
+            layer = take(stack, i)
+            _, layer_vjp = jax.vjp(layer_fn, layer, jax.lax.dynamic_index_in_dim(
+                inputs, i, 0, keepdims=False))
+            g_layer, g_x = layer_vjp(g_x)
+            sq = sq + optax.global_norm(g_layer) ** 2
+            updates, new_state = optimizer.update(_clip(g_layer, clip_norm),
+                                                  take(layer_state, i), layer)
+            layer = optax.apply_updates(layer, updates)
+            return g_x, put(stack, layer, i), put(layer_state, new_state, i), sq
+
+        g_x, stack, layer_state, sq = jax.lax.fori_loop(
+            0, num_layers, backward,
+            (g_x, stack, state.opt_state["layers"], jnp.zeros((), jnp.float32)))
+        (g_embed,) = embed_vjp(g_x)
+        g_outer = jax.tree_util.tree_map(jnp.add, g_head, g_embed)
+        sq = sq + optax.global_norm(g_outer) ** 2
+        updates, outer_state = optimizer.update(_clip(g_outer, clip_norm),
+                                                state.opt_state["outer"], outer)
+        outer = optax.apply_updates(outer, updates)
+        params = dict(outer)
+        params[layers_key] = stack
+        if not isinstance(state.params, dict):
+            params = type(state.params)(params)
+        new_state = state.replace(step=state.step + 1, params=params,
+                                  opt_state={"outer": outer_state, "layers": layer_state},
+                                  rng=jax.random.key_data(rng))
+        return new_state, {"loss": loss, "grad_norm": jnp.sqrt(sq)}
+
+    return PerLayer(init, step)
+
+
+def llama_pieces(config: Any) -> tuple[Callable, Callable, Callable]:
+    """``(embed_fn, layer_fn, head_fn)`` of :class:`lrx.models.llama.Llama` with ``config``
+    (a :class:`~lrx.models.llama.LlamaConfig` with ``scan_layers=True``) for
+    :func:`make_per_layer_step`, with the next-token cross-entropy loss on ``tokens (B, T+1)``
+    (inputs ``[:, :-1]``, targets ``[:, 1:]``), the same numbers as ``Llama.apply``."""
+    from lrx.models.llama import Block, Linear, RMSNorm, rope_angles
+
+    if not config.scan_layers:
+        raise ValueError("llama_pieces needs LlamaConfig(scan_layers=True): per-layer updates "
+                         "walk the stacked 'layers' parameters")
+    dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
+
+    def embed_fn(outer, tokens):
+        return jnp.take(outer["embedding"], tokens[:, :-1], axis=0).astype(dtype)
+
+    def layer_fn(layer, x):
+        rope = rope_angles(jnp.arange(x.shape[1]), config.head_dim, config.rope_theta)
+        return Block(config).apply({"params": layer}, x, rope)[0]
+
+    def head_fn(outer, x, tokens):
+        x = RMSNorm(config.rms_norm_eps, pdtype).apply({"params": outer["final_norm"]}, x)
+        logits = Linear(config.vocab_size, config.init_std, dtype, pdtype).apply(
+            {"params": outer["lm_head"]}, x).astype(jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    return embed_fn, layer_fn, head_fn
