@@ -94,7 +94,10 @@ def defaults() -> ml_collections.ConfigDict:
         stop_at=0,  # stop_at > 0: checkpoint and exit after that step (resume later)
         # resume=False: move an existing run in the workdir aside (<workdir>.old-<time>), start over
         resume=True,
-        stop_grace_seconds=60.0))  # after SIGTERM/SIGINT: wait this long for a step boundary
+        stop_grace_seconds=60.0,  # after SIGTERM/SIGINT: wait this long for a step boundary
+        # per_layer=True: each layer is updated inside the backward pass (lrx.train.per_layer;
+        # needs model.scan_layers, one micro-batch, dense params; grad_clip clips per layer)
+        per_layer=False))
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
     c.multihost = False
     # Weight parameterization (lrx.param) of the matrices matching `include`: 'none' keeps every
@@ -266,6 +269,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         import jax
 
         check_mesh(c, jax.device_count())
+    if c.train.per_layer:
+        _check_per_layer(c)
     if c.param.method != "none":
         param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
         if c.model.scan_layers:
@@ -311,6 +316,27 @@ def check_mesh(c: ml_collections.ConfigDict, num_devices: int) -> int:
         raise ConfigError(f"train.eval_windows={c.train.eval_windows} is not divisible by the "
                           f"data-parallel size {dp}")
     return dp
+
+
+def _check_per_layer(c: ml_collections.ConfigDict) -> None:
+    """``train.per_layer=True`` needs a scanned stack, one micro-batch, dense parameters and an
+    optimizer whose update of one layer does not read another (lrx.train.per_layer)."""
+    from lrx.train.per_layer import check_separable
+
+    needs = []
+    if not c.model.scan_layers:
+        needs.append("model.scan_layers=True (per-layer updates walk the stacked layers)")
+    if c.train.micro_batches != 1:
+        needs.append(f"train.micro_batches=1 (got {c.train.micro_batches}; the gradient of a "
+                     "layer is used at once, as in the official per-layer code)")
+    if c.param.method != "none":
+        needs.append(f"param.method='none' (got {c.param.method!r})")
+    if needs:
+        raise ConfigError("train.per_layer=True needs " + " and ".join(needs))
+    try:
+        check_separable(c.optimizer.name, c.optimizer.to_dict())
+    except ValueError as e:
+        raise ConfigError(f"train.per_layer=True: {e}") from None
 
 
 def _check_finite(c: ml_collections.ConfigDict) -> None:
@@ -576,6 +602,7 @@ class Setup:
     eval_batches: list                 # held-out windows, (B, L+1) each
     batch_fn: Callable                 # step -> training batch (B, L+1), pure in (seed, step)
     hooks: list                        # training-loop hooks (ReLoRA restarts, spectra logging)
+    per_layer: Any = None              # lrx.train.per_layer.PerLayer (init, step) or None
 
 
 def make_schedule(o: ml_collections.ConfigDict, steps: int,
@@ -673,7 +700,16 @@ def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
         if not any(jax.tree_util.tree_leaves(mask)):
             raise ConfigError(f"optimizer.project={o.project!r} matches no matrix; parameter "
                               "paths look like 'layers_0/attn/q/kernel'")
-    optimizer = optimizer_transform(o, schedule, mask)
+    per_layer = None
+    if c.train.per_layer:  # the optimizer sees one layer's slice: the mask is a rule over paths
+        from lrx.train import per_layer as per_layer_lib
+
+        mask = None if o.name == "adamw" else (lambda p: lrx.optim.path_mask(p, o.project))
+        optimizer = optimizer_transform(o, schedule, mask)
+        per_layer = per_layer_lib.make_per_layer_step(*per_layer_lib.llama_pieces(model_cfg),
+                                                      optimizer)
+    else:
+        optimizer = optimizer_transform(o, schedule, mask)
     if c.param.method == "sora":  # SoRA's proximal step on the gates, after the optimizer
         optimizer = optax.chain(optimizer, lrx.param.sora_proximal(c.param.sora_threshold))
     loss_fn, eval_fn = loss_functions(model, c.param)
@@ -696,7 +732,7 @@ def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
     return Setup(config=c, corpus=corpus, mesh=mesh, model=model, model_config=model_cfg,
                  params=params, frozen=frozen, schedule=schedule, optimizer=optimizer,
                  loss_fn=loss_fn, eval_fn=eval_fn, eval_batches=eval_batches, batch_fn=batch_fn,
-                 hooks=hooks)
+                 hooks=hooks, per_layer=per_layer)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -709,7 +745,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     s = build(config)
     c, corpus, mesh, o = s.config, s.corpus, s.mesh, s.config.optimizer
     seq_len, batch_size = c.data.seq_len, c.train.batch_size
-    state = loop.create_state(s.params, s.optimizer, seed=c.seed, frozen=s.frozen)
+    state = loop.create_state(s.params, s.optimizer, seed=c.seed, frozen=s.frozen,
+                              opt_state=s.per_layer.init(s.params) if s.per_layer else None)
     model_cfg, schedule, optimizer = s.model_config, s.schedule, s.optimizer
     loss_fn, eval_fn, eval_batches, batch_fn, hooks = (s.loss_fn, s.eval_fn, s.eval_batches,
                                                        s.batch_fn, s.hooks)
@@ -726,7 +763,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             checkpoint_every=c.train.checkpoint_every,
             keep_checkpoints=c.train.keep_checkpoints, learning_rate=schedule,
             tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at, hooks=hooks,
-            stop_grace_seconds=c.train.stop_grace_seconds)
+            stop_grace_seconds=c.train.stop_grace_seconds,
+            step_fn=s.per_layer.step if s.per_layer else None)
     except loop.CheckpointMismatch as e:
         raise ConfigError(str(e)) from None
     except loop.NonFiniteLoss as e:

@@ -60,11 +60,13 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def create_state(params: PyTree, optimizer: optax.GradientTransformation, *, seed: int,
-                 frozen: PyTree = None) -> TrainState:
-    """A fresh TrainState at step 0."""
+                 frozen: PyTree = None, opt_state: PyTree = None) -> TrainState:
+    """A fresh TrainState at step 0 (``opt_state``: an already built optimizer state, e.g.
+    :func:`lrx.train.per_layer.make_per_layer_step`'s ``init(params)``; default
+    ``optimizer.init(params)``)."""
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen={} if frozen is None else frozen,
-                      opt_state=optimizer.init(params),
+                      opt_state=optimizer.init(params) if opt_state is None else opt_state,
                       rng=jax.random.key_data(jax.random.key(seed)))
 
 
@@ -415,6 +417,7 @@ def train(
     stop_grace_seconds: float = 60.0,
     blas_threads: int | None = 1,
     metrics_lag: int = 1,
+    step_fn: Callable[[TrainState, PyTree], tuple[TrainState, dict]] | None = None,
 ) -> dict:
     """Trains ``state`` to ``total_steps`` and returns a results dict.
 
@@ -456,6 +459,9 @@ def train(
         checkpoint, an evaluation and the end every pending step is read, so a non-finite loss
         still stops the run naming the *first* bad step, and no checkpoint holds its state.
         With a lag, a step's hook records reach ``metrics.jsonl`` before its train record.
+      step_fn: the ``(state, batch) -> (state, metrics)`` step to compile instead of
+        ``make_step(loss_fn, optimizer, micro_batches=micro_batches)`` (e.g. the per-layer step
+        of :func:`lrx.train.per_layer.make_per_layer_step`; metrics need ``'loss'``).
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
@@ -480,7 +486,7 @@ def train(
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                       learning_rate=learning_rate, tokens_per_step=tokens_per_step, hooks=hooks,
                       progress=progress, tensorboard=tensorboard, stop_at=stop_at,
-                      metrics_lag=metrics_lag)
+                      metrics_lag=metrics_lag, step_fn=step_fn)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -565,11 +571,14 @@ class _Checkpoints:
 
 
 def _compile_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, micro_batches: int,
-                  shardings: TrainState, mesh: Mesh, state: TrainState, batch: PyTree):
+                  shardings: TrainState, mesh: Mesh, state: TrainState, batch: PyTree,
+                  step: Callable | None = None):
     """The jit'd, state-donating step compiled for ``(state, batch)``, and the memory dict
     (param/frozen/opt-state bytes and counts, XLA memory analysis, compile seconds)."""
     replicated = NamedSharding(mesh, PartitionSpec())
-    step_fn = jax.jit(make_step(loss_fn, optimizer, micro_batches=micro_batches),
+    if step is None:
+        step = make_step(loss_fn, optimizer, micro_batches=micro_batches)
+    step_fn = jax.jit(step,
                       in_shardings=(shardings, None), out_shardings=(shardings, replicated),
                       donate_argnums=0)
     t0 = time.perf_counter()
@@ -699,7 +708,7 @@ def _progress_bar(progress: bool | None, total_steps: int, start: int):
 def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, total_steps, mesh,
            micro_batches, eval_fn, eval_batches, eval_every, log_every, checkpoint_every,
            keep_checkpoints, learning_rate, tokens_per_step, hooks, progress, tensorboard,
-           stop_at, metrics_lag) -> dict:
+           stop_at, metrics_lag, step_fn=None) -> dict:
     abstract, shardings = _state_shardings(state, mesh)
     checkpoints = _Checkpoints(workdir, keep_checkpoints, stop)
     writer = MetricWriter(workdir, tensorboard=tensorboard)
@@ -723,7 +732,7 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
     put_batch = _batch_putter(mesh, micro_batches)
     batch = put_batch(batch_fn(start))
     compiled, memory = _compile_step(loss_fn, optimizer, micro_batches, shardings, mesh, state,
-                                     batch)
+                                     batch, step_fn)
     evaluator = _Evaluator(eval_fn, eval_batches, mesh)
     bar = _progress_bar(progress, total_steps, start)
     metrics = _StepMetrics(lag=metrics_lag, start=start, total_steps=total_steps,

@@ -375,3 +375,41 @@ def test_builder_exposes_the_newer_param_methods():
     state = s.optimizer.init(s.params)
     assert any(type(x).__name__ == "SoRAProximalState" for x in jax.tree.leaves(
         state, is_leaf=lambda x: type(x).__name__ == "SoRAProximalState"))
+
+
+def _per_layer_config(per_layer, **optimizer):
+    config = _config(3, "smoke,scan")
+    lm.switch_optimizer(config, "galore")
+    config.optimizer.rank = 4
+    config.optimizer.update_proj_gap = 2  # a refresh at steps 0 and 2
+    config.optimizer.grad_clip = 0.0
+    for key, value in optimizer.items():
+        config.optimizer[key] = value
+    config.train.per_layer = per_layer
+    return config
+
+
+def test_per_layer_training_matches_the_ordinary_step(tmp_path):
+    """train.per_layer=True (lrx.train.per_layer through lm.run and loop.train's step_fn) gives
+    the ordinary step's parameters for GaLore on the scanned tiny LLaMA."""
+    lm.run(_per_layer_config(False), str(tmp_path / "ordinary"))
+    summary = lm.run(_per_layer_config(True), str(tmp_path / "per_layer"))
+    assert summary["steps"] == 3
+    a = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "ordinary", 3))])
+    b = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "per_layer", 3))])
+    np.testing.assert_allclose(b, a, rtol=0, atol=2e-5 * np.abs(a).max())
+    initial = lm.build(_per_layer_config(False)).params
+    moved = np.abs(a - np.concatenate([np.ravel(x) for x in _leaves(initial)])).max()
+    assert moved > 1e-4  # training moved the parameters, so the equality above is not vacuous
+
+
+def test_per_layer_refuses_what_it_cannot_reproduce():
+    c = _per_layer_config(True)
+    c.model.scan_layers = False
+    with pytest.raises(ConfigError, match="per_layer=True needs model.scan_layers=True"):
+        lm.validate(c)
+    c = _per_layer_config(True)
+    lm.switch_optimizer(c, "frugal")
+    c.optimizer.subspace = "blocks"
+    with pytest.raises(ConfigError, match="per_layer=True: .*blocks"):
+        lm.validate(c)

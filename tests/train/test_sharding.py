@@ -48,7 +48,7 @@ def test_eight_fake_devices_fsdp4_data2_match_one_device(tmp_path):
     (["--config.mesh.data=3"], 1, "mesh data=3 x fsdp=1 = 3 devices, but 1 are available"),
     (["--config.train.batch_size=6", "--config.mesh.fsdp=4"], 8,
      "not divisible by the data-parallel size 8"),
-    (["--config.model.preset=llama_7b"], 1, "model.preset='llama_7b' is not valid"),
+    (["--config.model.preset=llama_13b"], 1, "model.preset='llama_13b' is not valid"),
     (["--config.optimizer.lr=0.1"], 1, "Did you mean 'eps'|has no key 'lr'"),
 ])
 def test_bad_input_fails_fast_with_one_clear_line(tmp_path, args, devices, message):
