@@ -113,7 +113,7 @@ def test_fira_matches_numpy(residual, shape, proj_type, layout):
     want = ref.fira(w0, gs, rank=3, gap=2, scale=0.25, proj_type=proj_type, lr=0.01,
                     residual=residual, wd=0.05, layout=layout)
     np.testing.assert_allclose(out["w"], want, rtol=1e-5, atol=1e-5)
-    assert state[0].extra["w"].shape == (1,)
+    assert state[0].limiter_norm["w"].shape == (1,)
 
 
 def test_fira_limiter_binds():
@@ -126,7 +126,7 @@ def test_fira_limiter_binds():
     for t in range(4):
         g = {"w": jnp.asarray(rng.standard_normal((10, 6)) * 3.0 ** t, jnp.float32)}
         _, state = opt.update(g, state, params)
-        norms.append(float(state.extra["w"][0]))
+        norms.append(float(state.limiter_norm["w"][0]))
     np.testing.assert_allclose(np.array(norms[1:]) / np.array(norms[:-1]), 1.01, rtol=1e-5)
 
 
