@@ -279,23 +279,6 @@ def _refresh_leaf(strategy: Strategy, plan: Plan, g3: jax.Array, part: Any, key:
     return jax.lax.map(one, args)
 
 
-def _refresh_all(strategy: Strategy, plans_: list[Plan], g3: list, parts: list, key, count,
-                 preds: list, read_old: bool) -> list:
-    """Every refreshed leaf in turn, chained by data dependencies: leaf ``i+1``'s gradient passes
-    an optimization barrier with leaf ``i``'s result, so no two decompositions overlap."""
-    parts, prev = list(parts), None
-    for i, p in enumerate(plans_):
-        if p.kind != "proj":
-            continue
-        g = g3[i]
-        if prev is not None:
-            g, prev = jax.lax.optimization_barrier((g, prev))
-        parts[i] = _refresh_leaf(strategy, p, g, parts[i], jax.random.fold_in(key, i), count,
-                                 preds[i], read_old)
-        prev = parts[i]
-    return parts
-
-
 # ------------------------------------------------------------------------------------ transform
 
 def transform(strategy: Strategy) -> optax.GradientTransformation:
@@ -331,18 +314,25 @@ def transform(strategy: Strategy) -> optax.GradientTransformation:
                                                                               strict=True)]
             parts = [_part(s, f) if r else None
                      for s, f, r in zip(leaves, fields, refreshed, strict=True)]
-            if strategy.stagger:
-                offsets = _stagger_offsets(strategy, pl)
-                preds = [None if o is None else
-                         (count == 0) | (count % strategy.update_proj_gap == o) for o in offsets]
-                parts = _refresh_all(strategy, pl, g3, parts, step_key, count, preds, True)
-            else:
-                read_old = strategy.reads_old_projector()
-                parts = jax.lax.cond(
-                    count % strategy.update_proj_gap == 0,
-                    lambda ps: _refresh_all(strategy, pl, g3, ps, step_key, count,
-                                            [None] * len(pl), read_old),
-                    lambda ps: ps, parts)
+            # One cond per leaf (never one around the whole tree): a leaf's refresh needs only
+            # its own gradient, so XLA can run it as soon as the backward pass has produced that
+            # gradient and free it right after, as for any per-leaf update.
+            offsets = _stagger_offsets(strategy, pl) if strategy.stagger else None
+            read_old = strategy.reads_old_projector()
+            for i, p in enumerate(pl):
+                if not refreshed[i]:
+                    continue
+                key_i = jax.random.fold_in(step_key, i)
+                if strategy.stagger:
+                    preds = (count == 0) | (count % strategy.update_proj_gap == offsets[i])
+                    parts[i] = _refresh_leaf(strategy, p, g3[i], parts[i], key_i, count, preds,
+                                             True)
+                else:
+                    parts[i] = jax.lax.cond(
+                        count % strategy.update_proj_gap == 0,
+                        lambda q, p=p, g=g3[i], k=key_i: _refresh_leaf(
+                            strategy, p, g, q, k, count, None, read_old),
+                        lambda q: q, parts[i])
             leaves = [_merge(s, q, f) if r else s
                       for s, q, f, r in zip(leaves, parts, fields, refreshed, strict=True)]
         leaves = strategy.refresh_global(pl, leaves, count, state.key)
@@ -350,17 +340,14 @@ def transform(strategy: Strategy) -> optax.GradientTransformation:
         # ---- update
         done = strategy.update_all(pl, treedef, grads, g3, leaves, globals_, count)
         if done is None:
-            out, prev = [], None
+            # Leaf by leaf with no cross-leaf dependency: each update (Fira's residual
+            # included) is a function of its own gradient only, so its temporaries live while
+            # that one leaf is processed.
+            out = []
             for i, p in enumerate(pl):
-                g, g3_i = grads[i], g3[i]
-                if p.kind != "dense" and prev is not None:
-                    # One selected leaf's temporaries (residual, back-projection) at a time: this
-                    # leaf's gradient waits for the previous selected leaf's update.
-                    g3_i, out[prev] = jax.lax.optimization_barrier((g3_i, out[prev]))
-                u, leaves[i] = strategy.update_leaf(p, g, g3_i, leaves[i], count, state.key)
-                if p.kind != "dense":
-                    prev = i
-                out.append(u.astype(g.dtype))
+                u, leaves[i] = strategy.update_leaf(p, grads[i], g3[i], leaves[i], count,
+                                                    state.key)
+                out.append(u.astype(grads[i].dtype))
         else:
             out, leaves, globals_ = done
         new_columns = [treedef.unflatten([getattr(s, f) for s in leaves])
