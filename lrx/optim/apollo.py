@@ -245,8 +245,10 @@ def apollo(learning_rate: float | Callable, *, rank: int = 256, scale_type: str 
            moment_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
     """APOLLO-AdamW as the official code: :func:`scale_by_apollo`, then ``-learning_rate`` (float
     or optax schedule) and decoupled weight decay after the update. Defaults are the official
-    pre-training scripts' APOLLO (channel-wise, scale 1, T 200, proj_type 'std'); see
-    :func:`apollo_mini` for APOLLO-Mini.
+    pre-training scripts' APOLLO (github.com/zhuhanqing/APOLLO ``scripts/pretrain_c4``:
+    channel-wise, scale 1, T 200, proj_type 'std', rank 256 as for 350M/1B/7B; the 60M script
+    uses 128 and the 130M one 192, see ``configs/apollo.py``); see :func:`apollo_mini` for
+    APOLLO-Mini.
 
     Example::
 
