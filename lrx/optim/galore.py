@@ -204,7 +204,9 @@ class Galore(engine.Strategy):
         r = sub.project(g3, p)                                       # R_t = proj(G_t)
         mu, nu = engine.adam_moments(leaf.mu, leaf.nu, r, b1, b2)    # M, V on R_t
         n_t = mu / (jnp.sqrt(nu) + eps)                              # N_t = M / (sqrt(V) + eps)
-        u3 = (self.scale * engine.bias_factor(b1, b2, k)) * sub.project_back(n_t, p)
+        # u = scale · f_k · back(N_t); the scalars go on the small N_t (one pass over r x n, not
+        # over the full m x n update)
+        u3 = sub.project_back((self.scale * engine.bias_factor(b1, b2, k)) * n_t, p)
         return plan.layout.from3(u3), leaf._replace(
             mu=mu.astype(dtype), nu=nu.astype(dtype),
             moment_count=None if mc is None else optax.safe_increment(mc))
@@ -262,8 +264,8 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
       update_proj_gap: T, refresh the projectors when ``count % T == 0``.
       stagger: refresh matrix ``j`` of ``J`` (every layer of a stack counted) at its own offset,
         when ``count % T == (j·T) // J`` (and at ``count == 0``), so no step pays every SVD.
-        Refreshes always run one matrix at a time (``lax.map`` over a stack, leaves chained by
-        data dependencies), so the peak holds one matrix's decomposition workspace.
+        Refreshes always run one matrix at a time (one cond per leaf, ``lax.map`` over a stack),
+        so the peak holds one matrix's decomposition workspace.
       scale: α, multiplies the back-projected update of projected leaves.
       proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (GaLore's side rule for the
         ``(m, n)`` matrix as given; 'reverse_std' minimises optimizer memory).
