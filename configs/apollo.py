@@ -6,8 +6,8 @@ tensor-wise, scale 128. Defaults: the tiny LLaMA with rank 32 (a quarter of its 
 
     python run.py --config=configs/apollo.py
     python run.py --config=configs/apollo.py:mini          # APOLLO-Mini
-    python run.py --config=configs/apollo.py:llama_60m
-    python run.py --config=configs/apollo.py:mini,llama_60m
+    python run.py --config=configs/apollo.py:llama_60m     # rank 128 (official 60M script)
+    python run.py --config=configs/apollo.py:mini,llama_60m  # APOLLO-Mini keeps rank 1
 """
 
 from experiments import common, lm

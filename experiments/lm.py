@@ -895,7 +895,8 @@ PAPER_SETUPS = {"llama_60m": (10_000, 128), "llama_130m": (20_000, 256),
 #   frugal: `--optimizer frugal` = block_adamw: density 0.25, block_order descending, gap 200,
 #           reset_statistics, sign_sgd with inactive_lr_scale 1, lr 1e-3, eps 1e-8 (FRUGAL scripts).
 #   apollo: apollo_adamw, lr 0.01, channel-wise, apollo_scale 1, proj random, gap 200, ranks
-#           128/256/256 (60M/130M/350M; APOLLO-Mini: rank 1, tensor-wise, scale 128).
+#           128/192/256/256 (60M/130M/350M/1B, zhuhanqing/APOLLO@76b3472 scripts; APOLLO-Mini:
+#           rank 1, tensor-wise, scale 128 at every size).
 PAPER_OPTIMIZERS: dict[str, dict[str, Any]] = {
     "adamw": dict(learning_rate=1e-3, eps=1e-8, b1=0.9, b2=0.999, weight_decay=0.0),
     "galore": dict(learning_rate=1e-2, eps=1e-6, b1=0.9, b2=0.999, weight_decay=0.0, scale=0.25,
@@ -910,6 +911,7 @@ PAPER_OPTIMIZERS: dict[str, dict[str, Any]] = {
                    update_proj_gap=200, proj_type="std"),
 }
 FIRA_SCALE_1B = 0.0625  # Fira's alpha for models >= 1B
+APOLLO_RANKS = {"llama_60m": 128, "llama_130m": 192, "llama_350m": 256, "llama_1b": 256}
 
 
 def _paper(preset_name: str):
@@ -929,8 +931,10 @@ def _paper(preset_name: str):
             o[key] = value
         if o.name == "fira" and preset_name == "llama_1b":
             o.scale = FIRA_SCALE_1B
-        if "rank" in o and not (o.name == "apollo" and o.get("scale_type") == "tensor"):
-            o.rank = rank  # (APOLLO-Mini keeps its rank 1)
+        if o.name == "apollo":  # the APOLLO scripts' own ranks; APOLLO-Mini keeps its rank 1
+            o.rank = 1 if o.get("scale_type") == "tensor" else APOLLO_RANKS[preset_name]
+        elif "rank" in o:
+            o.rank = rank
         if c.param.method != "none":  # GaLore's Table 2 baselines use the same ranks
             c.param.rank = rank
     return apply

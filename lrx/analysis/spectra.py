@@ -9,7 +9,9 @@ What is implemented, and from where:
 
 * :func:`singular_values` / :func:`randomized_svd` -- exact SVD, or the randomized range finder with
   power iterations of Halko, Martinsson & Tropp, "Finding structure with randomness" (arXiv
-  0909.4061, Algorithms 4.4 and 5.1) for the top-k part of large matrices.
+  0909.4061, Algorithms 4.4 and 5.1) for the top-k part of large matrices (``randomized_svd`` is
+  :func:`lrx.optim.subspace.randomized_svd`, the one implementation GaLore's randomized projector
+  shares).
 * :func:`effective_rank` -- RankMe ("RankMe: Assessing the downstream performance of pretrained
   self-supervised representations by their rank", Garrido et al., arXiv 2210.02157, Eq. 1):
   ``p_k = sigma_k / ||sigma||_1 + eps``, ``RankMe = exp(-sum_k p_k log p_k)`` with ``eps = 1e-7``
@@ -54,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lrx.optim.subspace import randomized_svd, resolve_side
 from lrx.paths import path_str
 
 RANKME_EPS = 1e-7
@@ -70,43 +73,6 @@ def _check_matrix(x: jax.Array, name: str = "x") -> None:
 
 def _mT(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
-
-
-def randomized_svd(x: jax.Array, k: int, key: jax.Array, *, oversample: int = 10,
-                   power_iters: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Top-k SVD by a Gaussian range finder with subspace (power) iterations.
-
-    Halko, Martinsson & Tropp (arXiv 0909.4061), Alg. 4.4 (randomized subspace iteration, with a QR
-    after every multiplication for stability) followed by Alg. 5.1 (direct SVD of ``Q^T A``).
-
-    Args:
-      x: ``(..., m, n)`` matrix or stacked batch.
-      k: number of singular triplets, ``1 <= k <= min(m, n)`` (static).
-      key: PRNG key for the Gaussian test matrix.
-      oversample: extra columns ``p`` of the test matrix (static); ``l = min(k + p, m, n)``.
-      power_iters: number of subspace iterations ``q`` (static); error decays like
-        ``(sigma_{l+1} / sigma_k)^(2q+1)``.
-    Returns:
-      ``u (..., m, k)``, ``s (..., k)`` (descending), ``vt (..., k, n)``.
-    """
-    _check_matrix(x)
-    m, n = x.shape[-2:]
-    if not 1 <= k <= min(m, n):
-        raise ValueError(f"k must be in [1, min(m, n)] = [1, {min(m, n)}], got {k}")
-    if oversample < 0 or power_iters < 0:
-        raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, "
-                         f"{power_iters}")
-    dtype = jnp.promote_types(x.dtype, jnp.float32)
-    a = x.astype(dtype)
-    width = min(k + oversample, m, n)
-    omega = jax.random.normal(key, (*a.shape[:-2], n, width), dtype)
-    q, _ = jnp.linalg.qr(a @ omega)
-    for _ in range(power_iters):
-        z, _ = jnp.linalg.qr(_mT(a) @ q)
-        q, _ = jnp.linalg.qr(a @ z)
-    u_small, s, vt = jnp.linalg.svd(_mT(q) @ a, full_matrices=False)
-    u = q @ u_small
-    return u[..., :k], s[..., :k], vt[..., :k, :]
 
 
 def singular_values(x: jax.Array, k: int | None = None, *, method: str = "exact",
@@ -263,10 +229,13 @@ def subspace_overlap(a: jax.Array, b: jax.Array, *, orthonormal: bool = False) -
 def singular_subspace(x: jax.Array, rank: int, *, side: str = "std") -> jax.Array:
     """Orthonormal basis of the top-``rank`` singular subspace of ``x`` (exact SVD).
 
-    ``side='std'`` follows GaLore's ``proj_type='std'`` for the array as given (arXiv 2403.03507,
-    official code): rows >= cols -> the right subspace (rows of ``V^T``), else the left one, i.e.
-    always the smaller dimension. Comparing this basis at two steps with :func:`subspace_overlap`
-    gives the overlap of the GaLore projectors that refreshes at those steps would build.
+    ``side='std'`` is GaLore's ``proj_type='std'`` (arXiv 2403.03507) through the one side rule of
+    lrx, :func:`lrx.optim.resolve_side` on ``x`` viewed as ``(m, n) = (in, out)`` (a Flax kernel as
+    stored): rows > cols -> the right subspace (rows of ``V^T``), else the left one, i.e. the
+    smaller dimension, and on a tie (square) the input (row) side, as the official code does on
+    the PyTorch weight of the same layer. Comparing this basis at two steps with
+    :func:`subspace_overlap` gives the overlap of the projectors that ``lrx.optim.galore``
+    refreshes at those steps would build.
 
     Args:
       x: ``(..., m, n)``.
@@ -282,7 +251,7 @@ def singular_subspace(x: jax.Array, rank: int, *, side: str = "std") -> jax.Arra
     if not 1 <= rank <= min(m, n):
         raise ValueError(f"rank must be in [1, min(m, n)] = [1, {min(m, n)}], got {rank}")
     if side == "std":
-        side = "right" if m >= n else "left"
+        side = resolve_side(m, n, "std")
     return _singular_vectors(x, side)[..., :rank]
 
 

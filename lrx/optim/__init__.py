@@ -8,6 +8,8 @@
   quantization (arXiv 2110.02861); :mod:`lrx.optim.quant` also has ``store``/``load`` for
   float32 / bfloat16 / 8-bit moments;
 * :func:`projectors` — the current projection matrices of any optimizer state;
+* :class:`Strategy` / :mod:`lrx.optim.engine` — the shared engine; one strategy file per method;
+* :func:`tree_bytes` — bytes of a pytree's arrays (one implementation, in ``subspace.py``);
 * :func:`path_mask` / :func:`path_labels` — projection masks / multi_transform labels from
   parameter paths; :class:`DimensionNumbers` — layouts other than "last two axes".
 """
@@ -20,23 +22,26 @@ from lrx.optim.apollo import (
     apollo_mini,
     scale_by_apollo,
 )
-from lrx.optim.fira import ScaleByFiraState, fira, scale_by_fira
-from lrx.optim.frugal import ScaleByFrugalState, frugal, scale_by_frugal
-from lrx.optim.galore import ScaleByGaloreState, galore, scale_by_galore
-from lrx.optim.introspect import projectors
-from lrx.optim.lowrank import (
-    BLOCK_ORDERS,
-    MODULE_ORDER,
-    MOMENTS,
-    RESIDUALS,
-    STATE_FREE,
+from lrx.optim.engine import (
     STATIC_ARGS,
-    SUBSPACES,
-    LowRankState,
+    Plan,
+    Strategy,
     inject_hyperparams,
     learning_rate_then_decay,
-    model_order_key,
 )
+from lrx.optim.fira import RESIDUALS, ScaleByFiraState, fira, scale_by_fira
+from lrx.optim.frugal import (
+    BLOCK_ORDERS,
+    MODULE_ORDER,
+    STATE_FREE,
+    SUBSPACES,
+    ScaleByFrugalState,
+    frugal,
+    model_order_key,
+    scale_by_frugal,
+)
+from lrx.optim.galore import MOMENTS, ScaleByGaloreState, galore, scale_by_galore
+from lrx.optim.introspect import projectors
 from lrx.optim.masks import ATTN_MLP, path_labels, path_mask, path_name, path_names
 from lrx.optim.quant import (
     MOMENT_DTYPES,
@@ -57,6 +62,10 @@ from lrx.optim.subspace import (
     tree_bytes,
 )
 
+# Before the engine split every low-rank method shared one state class; its old name now denotes
+# GaLore's state (Fira and FRUGAL have their own: ScaleByFiraState, ScaleByFrugalState).
+LowRankState = ScaleByGaloreState
+
 __all__ = [
     "MOMENT_DTYPES", "QuantizedArray", "ScaleByAdam8bitState", "adamw_8bit",
     "scale_by_adam_8bit",
@@ -68,5 +77,5 @@ __all__ = [
     "STATIC_ARGS", "inject_hyperparams", "learning_rate_then_decay", "path_labels", "path_mask",
     "path_name", "path_names",
     "randomized_range", "resolve_side", "scale_by_fira", "scale_by_frugal", "scale_by_galore",
-    "top_left_svd", "tree_bytes",
+    "top_left_svd", "tree_bytes", "Plan", "Strategy",
 ]

@@ -37,6 +37,7 @@ APOLLO-Mini (r = 1) that is about ``2·max(m, n)`` numbers against AdamW's ``2·
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -44,8 +45,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lrx.optim import lowrank
+from lrx.optim import engine
 from lrx.optim import subspace as sub
+from lrx.optim.engine import Plan
 
 SCALE_TYPES = ("channel", "tensor")
 
@@ -81,6 +83,15 @@ class SeededProjection:
                 f"rank={self.rank})")
 
 
+class ApolloLeaf(NamedTuple):
+    """One leaf of :class:`ScaleByApolloState` (fields as there)."""
+
+    projection: Any
+    mu: Any
+    nu: Any
+    limiter_norm: Any
+
+
 class ScaleByApolloState(NamedTuple):
     """State of :func:`scale_by_apollo` (leaf-aligned trees have the params' structure).
 
@@ -99,11 +110,94 @@ class ScaleByApolloState(NamedTuple):
     limiter_norm: Any
 
 
-def _plan(layout: sub.Layout, rank: int, proj_type: str) -> tuple[str, int, int]:
-    """``(side, dim, r)`` of one projected leaf."""
-    side = sub.resolve_side(layout.m, layout.n, proj_type)
-    dim = layout.m if side == "left" else layout.n
-    return side, dim, min(rank, dim)
+@dataclasses.dataclass(frozen=True, eq=False)
+class Apollo(engine.Strategy):
+    """APOLLO's per-leaf rules on the shared engine (layouts, sides, per-leaf sequencing). Its
+    "refresh" needs no gradient: the projection of window ``t // T`` is a function of the seed, so
+    it is regenerated inside :meth:`update_leaf` and nothing is decomposed."""
+
+    Leaf = ApolloLeaf
+    State = ScaleByApolloState
+
+    rank: int = 256
+    scale_type: str = "channel"
+    scale: Any = 1.0
+    update_proj_gap: int = 200
+    proj_type: str = "std"
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-6
+    gamma: Any = 1.01
+    limiter: bool = True
+    scale_front: bool = False
+    mask: Any = None
+    dimension_numbers: Any = None
+    moment_dtype: Any = None
+    seed: int = 0
+    needs_key: bool = True
+
+    def plan(self, layout: sub.Layout | None, name: str) -> Plan:
+        if layout is None:
+            return Plan("dense", name=name)
+        side = sub.resolve_side(layout.m, layout.n, self.proj_type)
+        dim = layout.m if side == "left" else layout.n
+        return Plan("apollo", layout, side, min(self.rank, dim), name)
+
+    def projection(self, plan: Plan, key: jax.Array, count: jax.Array) -> SeededProjection:
+        """The projection of leaf ``plan.index`` in the window of step ``count``."""
+        lay = plan.layout
+        window_key = jax.random.fold_in(jax.random.fold_in(key, plan.index),
+                                        count // self.update_proj_gap)
+        return SeededProjection(window_key, plan.side, lay.batch,
+                                lay.m if plan.side == "left" else lay.n, plan.rank)
+
+    def init_leaf(self, plan: Plan, x: jax.Array) -> ApolloLeaf:
+        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        if plan.kind == "dense":
+            return ApolloLeaf(None, zeros(x.shape), zeros(x.shape), None)
+        lay = plan.layout
+        rshape = sub.projected_shape(lay.batch, lay.m, lay.n, plan.side, plan.rank)
+        return ApolloLeaf(self.projection(plan, jax.random.PRNGKey(self.seed), jnp.int32(0)),
+                          zeros(rshape), zeros(rshape), jnp.zeros((lay.batch,), jnp.float32))
+
+    def update_leaf(self, plan: Plan, g: jax.Array, g3: jax.Array | None, leaf: ApolloLeaf,
+                    count: jax.Array, key: jax.Array | None) -> tuple[jax.Array, ApolloLeaf]:
+        """The step of the module docstring for one leaf (unselected leaves: AdamW)."""
+        b1, b2, eps = self.b1, self.b2, self.eps
+        dtype = leaf.mu.dtype
+        # Adam's bias correction folded into the step size (transformers AdamW).
+        f = engine.bias_factor(b1, b2, count + 1)
+        if plan.kind == "dense":
+            mu, nu = engine.adam_moments(leaf.mu, leaf.nu, g, b1, b2)
+            return f * mu / (jnp.sqrt(nu) + eps), leaf._replace(mu=mu.astype(dtype),
+                                                                 nu=nu.astype(dtype))
+        projection = self.projection(plan, key, count)
+        g3 = g3.astype(jnp.float32)
+        low = sub.project(g3, projection.projector())          # R = proj(G), low-rank moments
+        mu, nu = engine.adam_moments(leaf.mu, leaf.nu, low, b1, b2)
+        psi = mu / (jnp.sqrt(nu) + eps)
+        # Gradient scaling factor s = ‖ψ‖ / ‖R‖ along the rank axis (channel) or overall.
+        if self.scale_type == "channel":
+            axes = (-2,) if plan.side == "left" else (-1,)
+        else:
+            axes = (-2, -1)
+        factor = (jnp.sqrt(jnp.sum(psi * psi, axis=axes, keepdims=True))
+                  / (jnp.sqrt(jnp.sum(low * low, axis=axes, keepdims=True)) + 1e-8))
+        scaled = g3 * factor                                   # S = G ⊙ s on the raw gradient
+        if self.scale_front:
+            scaled = scaled * jnp.sqrt(jnp.float32(self.scale))
+        lim = leaf.limiter_norm
+        if self.limiter:
+            # Norm-growth limiter: from the 2nd step on, ‖S‖ grows at most by γ per step.
+            norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=(-2, -1)))           # (B,)
+            shrink = jnp.maximum(norm / (lim + 1e-8), self.gamma) / self.gamma
+            shrink = jnp.where(count == 0, 1.0, shrink)
+            scaled = scaled / shrink[:, None, None]
+            lim = norm / shrink
+        if not self.scale_front:
+            scaled = scaled * jnp.sqrt(jnp.float32(self.scale))
+        return plan.layout.from3(f * scaled), ApolloLeaf(projection, mu.astype(dtype),
+                                                         nu.astype(dtype), lim)
 
 
 def scale_by_apollo(rank: int = 256, *, scale_type: str = "channel", scale: float = 1.0,
@@ -128,100 +222,19 @@ def scale_by_apollo(rank: int = 256, *, scale_type: str = "channel", scale: floa
         :func:`lrx.optim.scale_by_galore`.
       moment_dtype: storage dtype of the moments (default float32).
       seed: PRNG seed of the projections (kept in the state).
+
+    Returns:
+      A GradientTransformation with :class:`ScaleByApolloState`.
     """
     sub.check_choice(scale_type, SCALE_TYPES, "scale_type")
     sub.check_choice(proj_type, ("std", "reverse_std", "left", "right"), "proj_type")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ValueError(f"rank must be a positive Python int, got {rank!r}")
-    if not isinstance(update_proj_gap, int) or update_proj_gap <= 0:
-        raise ValueError(f"update_proj_gap must be a positive int, got {update_proj_gap!r}")
-    mdtype = moment_dtype or jnp.float32
-
-    def window_key(key, i, count):
-        return jax.random.fold_in(jax.random.fold_in(key, i), count // update_proj_gap)
-
-    def init_fn(params):
-        layouts, _, treedef, leaves = lowrank.select_layouts(params, mask, dimension_numbers)
-        key = jax.random.PRNGKey(seed)
-        count = jnp.zeros([], jnp.int32)
-        proj, mus, nus, lims = [], [], [], []
-        for i, (lay, x) in enumerate(zip(layouts, leaves, strict=True)):
-            if lay is None:
-                proj.append(None)
-                lims.append(None)
-                mus.append(jnp.zeros(x.shape, mdtype))
-                nus.append(jnp.zeros(x.shape, mdtype))
-                continue
-            side, dim, r = _plan(lay, rank, proj_type)
-            proj.append(SeededProjection(window_key(key, i, count), side, lay.batch, dim, r))
-            rshape = sub.projected_shape(lay.batch, lay.m, lay.n, side, r)
-            mus.append(jnp.zeros(rshape, mdtype))
-            nus.append(jnp.zeros(rshape, mdtype))
-            lims.append(jnp.zeros((lay.batch,), jnp.float32))
-        tree = treedef.unflatten
-        return ScaleByApolloState(count, key, tree(proj), tree(mus), tree(nus), tree(lims))
-
-    def update_fn(updates, state, params=None):
-        layouts, _, treedef, _ = lowrank.select_layouts(
-            updates if params is None else params, mask, dimension_numbers)
-        raw = treedef.flatten_up_to(updates)
-        grads = [lowrank.leaf_value(g) for g in raw]
-        mus, nus = treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)
-        lims = treedef.flatten_up_to(state.limiter_norm)
-        count = state.count
-        k = (count + 1).astype(jnp.float32)
-        # Adam's bias correction folded into the step size (transformers AdamW).
-        f = jnp.sqrt(1.0 - jnp.power(b2, k)) / (1.0 - jnp.power(b1, k))
-        out, new_proj, new_mu, new_nu, new_lim = [], [], [], [], []
-        for i, (lay, g) in enumerate(zip(layouts, grads, strict=True)):
-            mu = b1 * mus[i].astype(jnp.float32)
-            nu = b2 * nus[i].astype(jnp.float32)
-            if lay is None:
-                g32 = g.astype(jnp.float32)
-                mu, nu = mu + (1 - b1) * g32, nu + (1 - b2) * g32 * g32
-                out.append((f * mu / (jnp.sqrt(nu) + eps)).astype(g.dtype))
-                new_proj.append(None)
-                new_lim.append(None)
-                new_mu.append(mu.astype(mdtype))
-                new_nu.append(nu.astype(mdtype))
-                continue
-            side, dim, r = _plan(lay, rank, proj_type)
-            projection = SeededProjection(window_key(state.key, i, count), side, lay.batch, dim, r)
-            g3 = lay.to3(g).astype(jnp.float32)
-            pr = projection.projector()
-            # Low-rank Adam moments on R = proj(G).
-            low = sub.project(g3, pr)
-            mu, nu = mu + (1 - b1) * low, nu + (1 - b2) * low * low
-            psi = mu / (jnp.sqrt(nu) + eps)
-            # Gradient scaling factor s = ‖ψ‖ / ‖R‖ along the rank axis (channel) or overall.
-            axes = ((-2,) if side == "left" else (-1,)) if scale_type == "channel" else (-2, -1)
-            factor = (jnp.sqrt(jnp.sum(psi * psi, axis=axes, keepdims=True))
-                      / (jnp.sqrt(jnp.sum(low * low, axis=axes, keepdims=True)) + 1e-8))
-            scaled = g3 * factor
-            if scale_front:
-                scaled = scaled * jnp.sqrt(jnp.float32(scale))
-            lim = lims[i]
-            if limiter:
-                # Norm-growth limiter: from the 2nd step on, ‖S‖ grows at most by γ per step.
-                norm = jnp.sqrt(jnp.sum(scaled * scaled, axis=(-2, -1)))           # (B,)
-                shrink = jnp.maximum(norm / (lims[i] + 1e-8), gamma) / gamma
-                shrink = jnp.where(count == 0, 1.0, shrink)
-                scaled = scaled / shrink[:, None, None]
-                lim = norm / shrink
-            if not scale_front:
-                scaled = scaled * jnp.sqrt(jnp.float32(scale))
-            out.append(lay.from3(f * scaled).astype(g.dtype))
-            new_proj.append(projection)
-            new_lim.append(lim)
-            new_mu.append(mu.astype(mdtype))
-            new_nu.append(nu.astype(mdtype))
-        tree = treedef.unflatten
-        out = [lowrank.rewrap(r, x) for r, x in zip(raw, out, strict=True)]
-        return tree(out), ScaleByApolloState(optax.safe_increment(count), state.key,
-                                              tree(new_proj), tree(new_mu), tree(new_nu),
-                                              tree(new_lim))
-
-    return optax.GradientTransformation(init_fn, update_fn)
+    engine.check_rank(rank)
+    engine.check_common(update_proj_gap=update_proj_gap, b1=b1, b2=b2, eps=eps, stagger=False)
+    strategy = Apollo(rank=rank, scale_type=scale_type, scale=scale,
+                      update_proj_gap=update_proj_gap, proj_type=proj_type, b1=b1, b2=b2,
+                      eps=eps, gamma=gamma, limiter=limiter, scale_front=scale_front, mask=mask,
+                      dimension_numbers=dimension_numbers, moment_dtype=moment_dtype, seed=seed)
+    return engine.transform(strategy)
 
 
 def apollo(learning_rate: float | Callable, *, rank: int = 256, scale_type: str = "channel",
@@ -232,8 +245,10 @@ def apollo(learning_rate: float | Callable, *, rank: int = 256, scale_type: str 
            moment_dtype: Any = None, seed: int = 0) -> optax.GradientTransformation:
     """APOLLO-AdamW as the official code: :func:`scale_by_apollo`, then ``-learning_rate`` (float
     or optax schedule) and decoupled weight decay after the update. Defaults are the official
-    pre-training scripts' APOLLO (channel-wise, scale 1, T 200, proj_type 'std'); see
-    :func:`apollo_mini` for APOLLO-Mini.
+    pre-training scripts' APOLLO (github.com/zhuhanqing/APOLLO ``scripts/pretrain_c4``:
+    channel-wise, scale 1, T 200, proj_type 'std', rank 256 as for 350M/1B/7B; the 60M script
+    uses 128 and the 130M one 192, see ``configs/apollo.py``); see :func:`apollo_mini` for
+    APOLLO-Mini.
 
     Example::
 
@@ -246,7 +261,7 @@ def apollo(learning_rate: float | Callable, *, rank: int = 256, scale_type: str 
                         eps=eps, gamma=gamma, limiter=limiter, scale_front=scale_front,
                         mask=mask, dimension_numbers=dimension_numbers,
                         moment_dtype=moment_dtype, seed=seed),
-        lowrank.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))
+        engine.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))
 
 
 def apollo_mini(learning_rate: float | Callable, *, rank: int = 1, scale: float = 128.0,

@@ -27,16 +27,226 @@ of the gradient dtype; the projection matmuls run in float32 when the projector 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
+import jax
 import jax.numpy as jnp
 import optax
 
-from lrx.optim import lowrank
-from lrx.optim.lowrank import LowRankState
+from lrx.optim import engine
+from lrx.optim import subspace as sub
+from lrx.optim.engine import Plan
 
-ScaleByGaloreState = LowRankState
+MOMENTS = ("keep", "reset", "project")
+
+
+class GaloreLeaf(NamedTuple):
+    """One leaf of :class:`ScaleByGaloreState`: ``projector`` a :class:`lrx.optim.Projector`
+    (``(B, m, r)`` / ``(B, n, r)``; None for unprojected leaves); ``mu``, ``nu`` Adam moments of
+    ``R`` ``(B, r, n)`` / ``(B, m, r)`` (the leaf shape for unprojected leaves; None under a user
+    ``base_optimizer``); ``moment_count`` int32 ``(B,)`` steps since each matrix's last moment
+    reset (``moments='reset'`` only, else None)."""
+
+    projector: Any
+    mu: Any
+    nu: Any
+    moment_count: Any
+
+
+class ScaleByGaloreState(NamedTuple):
+    """State of :func:`scale_by_galore`: ``count`` int32 ``[]`` (updates done), ``key`` PRNG key
+    of random/randomized projectors (else None), the :class:`GaloreLeaf` fields as pytrees like
+    the params, and ``base_state`` (the state of a user ``base_optimizer``, else None)."""
+
+    count: jax.Array
+    key: jax.Array | None
+    projector: Any
+    mu: Any
+    nu: Any
+    moment_count: Any
+    base_state: Any
+
+
+def rotate_moments(mu: jax.Array, nu: jax.Array, old: sub.Projector, new: sub.Projector
+                   ) -> tuple[jax.Array, jax.Array]:
+    """``moments='project'`` for ``R``-shaped moments ``(B, ...)``: ``M`` into the new basis with
+    ``C = P_newᵀ P_old``, ``V`` with the entrywise square ``C∘C`` (stays non-negative)."""
+    if new.left is not None:
+        c = jnp.einsum("bmr,bms->brs", new.left, old.left).astype(jnp.float32)
+        mu = jnp.einsum("brs,bsn->brn", c, mu)
+        nu = jnp.einsum("brs,bsn->brn", c * c, nu)
+    if new.right is not None:
+        c = jnp.einsum("bnr,bns->brs", old.right, new.right).astype(jnp.float32)
+        mu = jnp.einsum("bmr,brs->bms", mu, c)
+        nu = jnp.einsum("bmr,brs->bms", nu, c * c)
+    return mu, nu
+
+
+def _expand(p: sub.Projector | None) -> sub.Projector | None:
+    return None if p is None else sub.Projector(*(None if x is None else x[None] for x in p))
+
+
+def _squeeze(p: sub.Projector) -> sub.Projector:
+    return sub.Projector(*(None if x is None else x[0] for x in p))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Galore(engine.Strategy):
+    """GaLore's per-leaf rules (see the module docstring); :func:`scale_by_galore` builds it."""
+
+    Leaf = GaloreLeaf
+    State = ScaleByGaloreState
+
+    rank: int = 128
+    update_proj_gap: int = 200
+    stagger: bool = False
+    scale: Any = 0.25
+    proj_type: str = "std"
+    projector: str = "svd"
+    moments: str = "keep"
+    base_optimizer: Any = None
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-6
+    mask: Any = None
+    dimension_numbers: Any = None
+    oversample: int = 8
+    power_iters: int = 1
+    warm_start: bool = False
+    projector_dtype: Any = jnp.float32
+    moment_dtype: Any = None
+    seed: int = 0
+
+    @property
+    def needs_key(self) -> bool:
+        return self.projector != "svd"
+
+    @property
+    def resets(self) -> bool:
+        """Per-matrix moment counts: moments restart on refresh (built-in Adam only)."""
+        return self.moments == "reset" and self.base_optimizer is None
+
+    def plan(self, layout: sub.Layout | None, name: str) -> Plan:
+        if layout is None:
+            return Plan("dense", name=name)
+        side = sub.resolve_side(layout.m, layout.n, self.proj_type)
+        return Plan("proj", layout, side, min(self.rank, layout.m, layout.n), name)
+
+    def init_leaf(self, plan: Plan, x: jax.Array) -> GaloreLeaf:
+        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        own_adam = self.base_optimizer is None
+        if plan.kind == "dense":
+            return GaloreLeaf(None, zeros(x.shape) if own_adam else None,
+                              zeros(x.shape) if own_adam else None, None)
+        lay = plan.layout
+        projector = sub.Projector(
+            jnp.zeros((lay.batch, lay.m, plan.rank), self.projector_dtype)
+            if plan.side in ("left", "full") else None,
+            jnp.zeros((lay.batch, lay.n, plan.rank), self.projector_dtype)
+            if plan.side in ("right", "full") else None)
+        rshape = sub.projected_shape(lay.batch, lay.m, lay.n, plan.side, plan.rank)
+        return GaloreLeaf(projector, zeros(rshape) if own_adam else None,
+                          zeros(rshape) if own_adam else None,
+                          jnp.zeros((lay.batch,), jnp.int32) if self.resets else None)
+
+    def init_globals(self, plans, treedef, params, leaves):
+        if self.base_optimizer is None:
+            return (None,)
+        rs = [x if p.kind == "dense" else jnp.zeros(sub.projected_shape(
+            p.layout.batch, p.layout.m, p.layout.n, p.side, p.rank), jnp.float32)
+            for p, x in zip(plans, params, strict=True)]
+        return (self.base_optimizer.init(treedef.unflatten(rs)),)
+
+    def refresh_fields(self, plan: Plan) -> tuple[str, ...]:
+        if self.resets:
+            return ("projector", "mu", "nu", "moment_count")
+        if self.moments == "project":
+            return ("projector", "mu", "nu")
+        return ("projector",)
+
+    def reads_old_projector(self) -> bool:
+        return self.warm_start or self.moments == "project"
+
+    def refresh_matrix(self, plan: Plan, g: jax.Array, part: GaloreLeaf, key: jax.Array,
+                       count: jax.Array) -> GaloreLeaf:
+        """New ``P`` from one matrix ``g (m, n)``, then the moment policy on refresh."""
+        new = _squeeze(sub.compute_projector(
+            g[None], plan.side, plan.rank, self.projector, key, _expand(part.projector),
+            oversample=self.oversample, power_iters=self.power_iters,
+            warm_start=self.warm_start, warm_valid=count > 0, dtype=self.projector_dtype))
+        if self.resets:                            # zero moments, restart the bias correction
+            return GaloreLeaf(new, jnp.zeros_like(part.mu), jnp.zeros_like(part.nu),
+                              jnp.zeros_like(part.moment_count))
+        if self.moments == "project":              # rotate M (and V by C∘C) into the new basis
+            mu, nu = rotate_moments(part.mu[None].astype(jnp.float32),
+                                    part.nu[None].astype(jnp.float32),
+                                    _expand(part.projector), _expand(new))
+            return part._replace(projector=new, mu=mu[0].astype(part.mu.dtype),
+                                 nu=nu[0].astype(part.nu.dtype))
+        return part._replace(projector=new)
+
+    def update_leaf(self, plan: Plan, g: jax.Array, g3: jax.Array | None, leaf: GaloreLeaf,
+                    count: jax.Array, key: jax.Array | None) -> tuple[jax.Array, GaloreLeaf]:
+        """``R = proj(G)``; ``M, V`` updated; ``u = scale · sqrt(1-β2^k)/(1-β1^k) · back(M /
+        (sqrt(V) + eps))`` (unprojected leaves: the same Adam on ``G``, no scale)."""
+        b1, b2, eps = self.b1, self.b2, self.eps
+        dtype = leaf.mu.dtype
+        if plan.kind == "dense":
+            mu, nu = engine.adam_moments(leaf.mu, leaf.nu, g, b1, b2)
+            u = engine.bias_factor(b1, b2, count + 1) * (mu / (jnp.sqrt(nu) + eps))
+            return u, leaf._replace(mu=mu.astype(dtype), nu=nu.astype(dtype))
+        # k: the bias-correction step, per matrix (B, 1, 1) when moments restart
+        mc = leaf.moment_count
+        k = count + 1 if mc is None else (mc + 1)[:, None, None]
+        p = leaf.projector
+        r = sub.project(g3, p)                                       # R_t = proj(G_t)
+        mu, nu = engine.adam_moments(leaf.mu, leaf.nu, r, b1, b2)    # M, V on R_t
+        n_t = mu / (jnp.sqrt(nu) + eps)                              # N_t = M / (sqrt(V) + eps)
+        # u = scale · f_k · back(N_t); the scalars go on the small N_t (one pass over r x n, not
+        # over the full m x n update)
+        u3 = sub.project_back((self.scale * engine.bias_factor(b1, b2, k)) * n_t, p)
+        return plan.layout.from3(u3), leaf._replace(
+            mu=mu.astype(dtype), nu=nu.astype(dtype),
+            moment_count=None if mc is None else optax.safe_increment(mc))
+
+    def update_all(self, plans, treedef, grads, g3, leaves, globals_, count):
+        """With a user ``base_optimizer``: it sees the tree of projected gradients ``R`` (full
+        gradients on unprojected leaves); ``u = scale · back(base(R))``."""
+        if self.base_optimizer is None:
+            return None
+        (base_state,) = globals_
+        if self.moments == "reset":
+            # zeros == the state right after init for optax's adam/sgd/... (counts too)
+            base_state = jax.lax.cond(
+                count % self.update_proj_gap == 0,
+                lambda s: jax.tree_util.tree_map(jnp.zeros_like, s), lambda s: s, base_state)
+        rs = [g if p.kind == "dense" else sub.project(x, s.projector)
+              for p, g, x, s in zip(plans, grads, g3, leaves, strict=True)]
+        u_tree, base_state = self.base_optimizer.update(treedef.unflatten(rs), base_state)
+        us = treedef.flatten_up_to(u_tree)
+        out = [(u if p.kind == "dense" else
+                p.layout.from3(self.scale * sub.project_back(u, s.projector))).astype(g.dtype)
+               for p, u, s, g in zip(plans, us, leaves, grads, strict=True)]
+        return out, leaves, (base_state,)
+
+
+def validate(s: Galore, method: str = "galore") -> None:
+    """ValueError for bad GaLore (and Fira) hyperparameters, naming the valid choices."""
+    engine.check_rank(s.rank)
+    sub.check_choice(s.projector, sub.PROJECTORS, "projector")
+    engine.check_common(update_proj_gap=s.update_proj_gap, b1=s.b1, b2=s.b2, eps=s.eps,
+                        stagger=s.stagger)
+    sub.check_choice(s.proj_type, sub.PROJ_TYPES, "proj_type")
+    sub.check_choice(s.moments, MOMENTS, "moments")
+    engine.check_projector_args(s.oversample, s.power_iters)
+    if s.base_optimizer is not None and s.moments == "project":
+        raise ValueError("moments='project' needs the built-in Adam (base_optimizer=None); "
+                         "use 'keep' or 'reset' with a custom base_optimizer")
+    if s.stagger and s.base_optimizer is not None and s.moments == "reset":
+        raise ValueError("stagger=True with moments='reset' needs the built-in Adam "
+                         "(base_optimizer=None)")
 
 
 def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: bool = False,
@@ -54,8 +264,8 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
       update_proj_gap: T, refresh the projectors when ``count % T == 0``.
       stagger: refresh matrix ``j`` of ``J`` (every layer of a stack counted) at its own offset,
         when ``count % T == (j·T) // J`` (and at ``count == 0``), so no step pays every SVD.
-        Refreshes always run one matrix at a time (``lax.map`` over a stack, leaves chained by
-        data dependencies), so the peak holds one matrix's decomposition workspace.
+        Refreshes always run one matrix at a time (one cond per leaf, ``lax.map`` over a stack),
+        so the peak holds one matrix's decomposition workspace.
       scale: α, multiplies the back-projected update of projected leaves.
       proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (GaLore's side rule for the
         ``(m, n)`` matrix as given; 'reverse_std' minimises optimizer memory).
@@ -75,14 +285,16 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
       seed: PRNG seed of random/randomized projectors (kept in the state).
 
     Returns:
-      A GradientTransformation with :class:`LowRankState`.
+      A GradientTransformation with :class:`ScaleByGaloreState`.
     """
-    return lowrank.make(lowrank.Settings(
-        method="galore", rank=rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
-        proj_type=proj_type, projector=projector, moments=moments, b1=b1, b2=b2, eps=eps,
-        mask=mask, dimension_numbers=dimension_numbers, oversample=oversample,
-        power_iters=power_iters, warm_start=warm_start, projector_dtype=projector_dtype,
-        moment_dtype=moment_dtype, seed=seed, base_optimizer=base_optimizer))
+    strategy = Galore(
+        rank=rank, update_proj_gap=update_proj_gap, stagger=stagger, scale=scale,
+        proj_type=proj_type, projector=projector, moments=moments, base_optimizer=base_optimizer,
+        b1=b1, b2=b2, eps=eps, mask=mask, dimension_numbers=dimension_numbers,
+        oversample=oversample, power_iters=power_iters, warm_start=warm_start,
+        projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed)
+    validate(strategy)
+    return engine.transform(strategy)
 
 
 def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap: int = 200,
@@ -101,7 +313,7 @@ def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap:
     ``weight_decay_mask`` selects the decayed leaves (default: all). The other arguments are
     those of :func:`scale_by_galore`. Works with ``optax.inject_hyperparams`` (learning_rate,
     scale, b1, b2, eps, weight_decay; keep ``rank`` and ``update_proj_gap`` static, e.g. with
-    ``functools.partial``).
+    :func:`lrx.optim.inject_hyperparams`).
 
     Example::
 
@@ -115,4 +327,4 @@ def galore(learning_rate: float | Callable, *, rank: int = 128, update_proj_gap:
                         base_optimizer=base_optimizer, dimension_numbers=dimension_numbers,
                         oversample=oversample, power_iters=power_iters, warm_start=warm_start,
                         projector_dtype=projector_dtype, moment_dtype=moment_dtype, seed=seed),
-        lowrank.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))
+        engine.learning_rate_then_decay(learning_rate, weight_decay, weight_decay_mask))

@@ -11,7 +11,13 @@ import optax
 
 from lrx.optim import subspace as sub
 from lrx.optim.apollo import ScaleByApolloState, SeededProjection
-from lrx.optim.lowrank import LowRankState, is_variable, leaf_value
+from lrx.optim.engine import is_variable, leaf_value
+from lrx.optim.fira import ScaleByFiraState
+from lrx.optim.frugal import ScaleByFrugalState
+from lrx.optim.galore import ScaleByGaloreState
+
+# States whose ``projector`` field holds a pytree of Projector (None for unprojected leaves).
+PROJECTED_STATES = (ScaleByGaloreState, ScaleByFiraState, ScaleByFrugalState)
 
 
 def _is_node(x) -> bool:
@@ -20,7 +26,7 @@ def _is_node(x) -> bool:
 
 def _found(state: Any) -> list:
     """Per-leaf projector trees of every lrx state nested in ``state``."""
-    if isinstance(state, LowRankState):
+    if isinstance(state, PROJECTED_STATES):
         return [state.projector]
     if isinstance(state, ScaleByApolloState):
         return [state.projection]

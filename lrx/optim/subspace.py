@@ -229,38 +229,88 @@ def top_left_svd(g: jax.Array, rank: int) -> jax.Array:
     return u[..., :rank]
 
 
-def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int = 8,
-                     power_iters: int = 1, warm: jax.Array | None = None,
-                     warm_valid: jax.Array | bool = True) -> jax.Array:
-    """Approximate top-``rank`` left singular subspace ``(B, m, rank)`` of ``g (B, m, n)``.
-
-    Halko–Martinsson–Tropp randomized range finder: ``Y = G Ω`` with ``k = min(rank + oversample,
-    m, n)`` Gaussian probes (the first ``rank`` replaced by ``Gᵀ P_warm`` when ``warm (B, m, r)`` is
-    given and ``warm_valid``), ``power_iters`` re-orthonormalised subspace iterations
-    ``Y ← G (Gᵀ qr(Y))``, ``Q = qr(Y)``, then the top-``rank`` eigenvectors ``W`` of the small
-    ``(QᵀG)(QᵀG)ᵀ (k x k)`` give
-    ``P = Q W`` ordered by captured energy. Cost O(m n k) per iteration instead of O(m n min(m,n)).
-    """
-    g = g.astype(jnp.float32)
+def _range_basis(g: jax.Array, width: int, key: jax.Array, power_iters: int,
+                 seed_cols: jax.Array | None = None,
+                 seed_valid: jax.Array | bool = True) -> jax.Array:
+    """Orthonormal ``Q (B, m, width)`` whose span approximates the top left singular subspace of
+    ``g (B, m, n)``: Halko-Martinsson-Tropp randomized range finder (arXiv 0909.4061, Alg. 4.4),
+    ``Y = G Ω`` with Gaussian ``Ω (B, n, width)`` (its first columns replaced by ``seed_cols``
+    when given and ``seed_valid``), ``power_iters`` subspace iterations
+    ``Y ← G orth(Gᵀ orth(Y))`` (Cholesky-QR: only the span matters there), then a Householder
+    QR."""
     b, m, n = g.shape
-    k = min(rank + oversample, m, n)
-    omega = jax.random.normal(key, (b, n, k), jnp.float32)
-    if warm is not None:
-        seed_cols = jnp.einsum("bmn,bmr->bnr", g, warm.astype(jnp.float32))
+    omega = jax.random.normal(key, (b, n, width), g.dtype)
+    if seed_cols is not None:
         r0 = seed_cols.shape[-1]
-        seed_cols = jnp.where(warm_valid, seed_cols, omega[..., :r0])
+        seed_cols = jnp.where(seed_valid, seed_cols, omega[..., :r0])
         omega = jnp.concatenate([seed_cols, omega[..., r0:]], axis=-1)
     y = jnp.einsum("bmn,bnk->bmk", g, omega)
     for _ in range(power_iters):
         q = _cholesky_qr(y)
         z = _cholesky_qr(jnp.einsum("bmn,bmk->bnk", g, q))
         y = jnp.einsum("bmn,bnk->bmk", g, z)
-    q = _qr(y)
+    return _qr(y)
+
+
+def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int = 8,
+                     power_iters: int = 1, warm: jax.Array | None = None,
+                     warm_valid: jax.Array | bool = True) -> jax.Array:
+    """Approximate top-``rank`` left singular subspace ``(B, m, rank)`` of ``g (B, m, n)``.
+
+    The range finder of :func:`randomized_svd` with ``k = min(rank + oversample, m, n)`` probes
+    (the first ``rank`` replaced by ``Gᵀ P_warm`` when ``warm (B, m, r)`` is given and
+    ``warm_valid``), then, instead of an SVD of ``QᵀG (k x n)``, the top-``rank`` eigenvectors
+    ``W`` of the small ``(QᵀG)(QᵀG)ᵀ (k x k)`` give ``P = Q W`` ordered by captured energy (only
+    the left vectors are formed: a projector needs nothing else). Cost O(m n k) per iteration
+    instead of O(m n min(m, n)).
+    """
+    g = g.astype(jnp.float32)
+    b, m, n = g.shape
+    k = min(rank + oversample, m, n)
+    seed_cols = (None if warm is None else
+                 jnp.einsum("bmn,bmr->bnr", g, warm.astype(jnp.float32)))
+    q = _range_basis(g, k, key, power_iters, seed_cols, warm_valid)
     small = jnp.einsum("bmk,bmn->bkn", q, g)
     gram = jnp.einsum("bkn,bjn->bkj", small, small)
     _, vecs = jnp.linalg.eigh(gram)                     # ascending eigenvalues
     top = vecs[..., ::-1][..., :rank]
     return fix_signs(jnp.einsum("bmk,bkr->bmr", q, top))
+
+
+def randomized_svd(x: jax.Array, k: int, key: jax.Array, *, oversample: int = 10,
+                   power_iters: int = 2) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Top-k SVD by the Gaussian range finder with subspace (power) iterations.
+
+    Halko, Martinsson & Tropp (arXiv 0909.4061), Alg. 4.4 (randomized subspace iteration) followed
+    by Alg. 5.1 (direct SVD of ``Qᵀ A``). The one randomized SVD of lrx: GaLore's
+    ``projector='randomized'`` uses its range finder (:func:`randomized_range`) and
+    :func:`lrx.analysis.randomized_svd` is this function.
+
+    Args:
+      x: ``(..., m, n)`` matrix or stacked batch; computed in float32 (or wider).
+      k: number of singular triplets, ``1 <= k <= min(m, n)`` (static).
+      key: PRNG key for the Gaussian test matrix.
+      oversample: extra columns ``p`` of the test matrix (static); ``l = min(k + p, m, n)``.
+      power_iters: number of subspace iterations ``q`` (static); error decays like
+        ``(sigma_{l+1} / sigma_k)^(2q+1)``.
+    Returns:
+      ``u (..., m, k)``, ``s (..., k)`` (descending), ``vt (..., k, n)``.
+    """
+    if jnp.ndim(x) < 2:
+        raise ValueError(f"x must have shape (..., m, n) with at least 2 axes, got shape "
+                         f"{jnp.shape(x)}")
+    *lead, m, n = x.shape
+    if not 1 <= k <= min(m, n):
+        raise ValueError(f"k must be in [1, min(m, n)] = [1, {min(m, n)}], got {k}")
+    if oversample < 0 or power_iters < 0:
+        raise ValueError(f"oversample and power_iters must be >= 0, got {oversample}, "
+                         f"{power_iters}")
+    a = x.astype(jnp.promote_types(x.dtype, jnp.float32)).reshape(-1, m, n)
+    q = _range_basis(a, min(k + oversample, m, n), key, power_iters)
+    u_small, s, vt = jnp.linalg.svd(jnp.einsum("bmk,bmn->bkn", q, a), full_matrices=False)
+    u = jnp.einsum("bmk,bkj->bmj", q, u_small)
+    return (u[..., :k].reshape(*lead, m, k), s[..., :k].reshape(*lead, k),
+            vt[..., :k, :].reshape(*lead, k, n))
 
 
 def random_orthonormal(key: jax.Array, batch: int, dim: int, rank: int) -> jax.Array:

@@ -348,6 +348,27 @@ def test_singular_subspace_sides_and_galore_std_rule():
                                rtol=1e-5)
 
 
+def test_singular_subspace_std_uses_the_optimizer_side_rule_square_included():
+    """One side rule in lrx: 'std' picks the side lrx.optim.resolve_side picks, ties (square)
+    going to the input (row) side, and equals the projector lrx's GaLore builds on that array."""
+    import lrx.optim as lo
+
+    rng = np.random.default_rng(21)
+    sq = rng.standard_normal((6, 6))
+    u, _, _ = np.linalg.svd(sq)
+    assert lo.resolve_side(6, 6, "std") == "left"
+    std = spectra.singular_subspace(jnp.asarray(sq, jnp.float32), 2)
+    np.testing.assert_allclose(np.abs(np.asarray(std).T @ u[:, :2]), np.eye(2), atol=1e-5)
+    opt = lo.scale_by_galore(2, update_proj_gap=1)
+    params = {"w": jnp.zeros((6, 6))}
+    _, state = opt.update({"w": jnp.asarray(sq, jnp.float32)}, opt.init(params), params)
+    proj = lo.projectors(state)["w"]
+    assert proj.right is None
+    np.testing.assert_allclose(spectra.subspace_overlap(std, proj.left[0], orthonormal=True),
+                               1.0, rtol=1e-5)
+    assert spectra.randomized_svd is lo.subspace.randomized_svd      # one implementation
+
+
 def test_truncate_rank_is_the_eckart_young_approximation():
     rng = np.random.default_rng(15)
     x = rng.standard_normal((2, 9, 6))

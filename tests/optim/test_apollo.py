@@ -100,3 +100,19 @@ def test_apollo_errors():
         lo.apollo(0.1, proj_type="full")
     with pytest.raises(ValueError, match="rank"):
         lo.apollo(0.1, rank=0)
+
+
+def test_configs_apollo_use_the_official_scripts_ranks():
+    """configs/apollo.py: the official pre-training scripts' APOLLO ranks per size (60M 128,
+    130M 192, 350M/1B 256), APOLLO-Mini rank 1 / tensor / scale 128 in any variant order."""
+    from configs.apollo import get_config
+
+    for arg, rank in [("llama_60m", 128), ("llama_130m", 192), ("llama_350m", 256),
+                      ("llama_1b", 256)]:
+        o = get_config(arg).optimizer
+        assert (o.rank, o.scale_type, o.scale, o.update_proj_gap) == (rank, "channel", 1.0, 200)
+        for mini in (f"mini,{arg}", f"{arg},mini"):
+            o = get_config(mini).optimizer
+            assert (o.rank, o.scale_type, o.scale) == (1, "tensor", 128.0)
+    o = get_config().optimizer
+    assert (o.proj_type, o.learning_rate, o.weight_decay) == ("std", 0.01, 0.0)
