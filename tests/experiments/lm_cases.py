@@ -9,23 +9,17 @@ Each case: the config's ``smoke`` variant with 5 steps, batch 8, ``update_proj_g
 after steps 2 and 4).
 """
 
-import importlib.util
+import importlib
 import json
 import os
 import sys
 import traceback
 
-from tests.conftest import ROOT
-
 STEPS, GAP = 5, 2
 
 
 def case_config(name: str, layout: str, data: int, fsdp: int, setting: str = ""):
-    spec = importlib.util.spec_from_file_location(f"_config_{name}",
-                                                  os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("smoke")
+    config = importlib.import_module(f"configs.{name}").get_config("smoke")
     config.train.steps, config.train.batch_size, config.train.eval_windows = STEPS, 8, 8
     config.train.log_every, config.train.eval_every, config.train.checkpoint_every = 1, 0, 0
     config.model.scan_layers = layout == "scan"

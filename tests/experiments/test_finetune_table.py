@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 
 import pytest
 
+import configs.finetune_table
 from experiments import finetune_table
 from experiments.common import ConfigError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def get_config(arg=None):
-    spec = importlib.util.spec_from_file_location(
-        "_ft_config", os.path.join(ROOT, "configs", "finetune_table.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return configs.finetune_table.get_config(arg)
 
 
 def test_defaults_validate_and_errors():
