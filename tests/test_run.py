@@ -51,7 +51,7 @@ def test_config_smoke_variant_validates(name):
 # by default: test_workdir_of_another_config_is_refused_and_console_is_quiet.
 SLOW_SMOKE = {"adamw.py", "apollo.py", "fira.py", "frugal.py", "lora.py", "lowrank.py", "relora.py",
               "sltrain.py", "pretrain_table.py", "finetune_table.py", "spectra.py", "s4.py",
-              "bench_optim.py"}
+              "bench_optim.py", "icl_linear.py"}
 
 
 def _check_smoke_outputs(workdir):
