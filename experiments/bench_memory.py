@@ -78,12 +78,7 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
     common.check_keys(config, defaults())
-    if not config.models:
-        raise ConfigError("config.models is empty; valid models: " + ", ".join(MODELS))
-    for m in config.models:
-        common.check_choice(m, MODELS, "models[...]")
-        if m not in config.ranks or m not in config.apollo_ranks:
-            raise ConfigError(f"config.ranks / config.apollo_ranks have no rank for model {m!r}")
+    common.check_models(config, MODELS, ("ranks", "apollo_ranks"))
     for o in config.optimizers:
         common.check_choice(o, tuple(ROWS), "optimizers[...]")
     common.check_choice(config.dtype, ("float32", "bfloat16"), "dtype")

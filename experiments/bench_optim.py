@@ -73,12 +73,7 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError for unknown keys, models, optimizers or non-positive counts."""
     common.check_keys(config, defaults())
-    if not config.models:
-        raise ConfigError("config.models is empty; valid models: " + ", ".join(MODELS))
-    for m in config.models:
-        common.check_choice(m, MODELS, "models[...]")
-        if m not in config.ranks:
-            raise ConfigError(f"config.ranks has no rank for model {m!r}")
+    common.check_models(config, MODELS)
     for o in config.optimizers:
         common.check_choice(o, OPTIMIZERS, "optimizers[...]")
     for o in config.memory.optimizers:

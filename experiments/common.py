@@ -199,6 +199,19 @@ RESUME_KEYS = ("train.steps", "train.stop_at", "train.log_every", "train.eval_ev
                "train.stop_grace_seconds")
 
 
+def check_models(config: Mapping[str, Any], models: Sequence[str],
+                 rank_tables: Sequence[str] = ("ranks",)) -> None:
+    """Raises ConfigError unless ``config.models`` is non-empty, each entry is one of ``models``
+    and has a rank in every ``config[table]`` of ``rank_tables`` (the benchmarks' model lists)."""
+    if not config["models"]:
+        raise ConfigError("config.models is empty; valid models: " + ", ".join(models))
+    for m in config["models"]:
+        check_choice(m, models, "models[...]")
+        missing = [t for t in rank_tables if m not in config[t]]
+        if missing:
+            raise ConfigError(f"config.{' / config.'.join(missing)} has no rank for model {m!r}")
+
+
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{'a.b': leaf}`` for a nested mapping (ConfigDicts included)."""
     tree = tree.to_dict() if isinstance(tree, ml_collections.ConfigDict) else tree

@@ -130,3 +130,15 @@ def test_inactive_sections_lose_bare_key_ties():
     assert c.optimizer.rank == 3 and c.param.rank == 4
     c = common.apply_arg(_grammar_config(), "param.rank=2", inactive=lambda c: ("param.",))
     assert c.param.rank == 2 and c.optimizer.rank == 8
+
+
+def test_check_models_names_the_problem():
+    ok = {"models": ("a",), "ranks": {"a": 1}, "other": {"a": 2}}
+    common.check_models(ok, ("a", "b"), ("ranks", "other"))
+    with pytest.raises(ConfigError, match="config.models is empty; valid models: a, b"):
+        common.check_models({"models": (), "ranks": {}}, ("a", "b"))
+    with pytest.raises(ConfigError, match="models"):
+        common.check_models({"models": ("c",), "ranks": {"c": 1}}, ("a", "b"))
+    with pytest.raises(ConfigError, match="config.other has no rank for model 'a'"):
+        common.check_models({"models": ("a",), "ranks": {"a": 1}, "other": {}}, ("a",),
+                            ("ranks", "other"))
