@@ -183,11 +183,8 @@ class Frugal(engine.Strategy):
             full = (lay.batch, lay.m, lay.n)
             return FrugalLeaf(None, zeros(full), zeros(full), count,
                               jnp.zeros((lay.batch,), jnp.float32))
-        projector = sub.Projector(
-            jnp.zeros((lay.batch, lay.m, plan.rank), self.projector_dtype)
-            if plan.side == "left" else None,
-            jnp.zeros((lay.batch, lay.n, plan.rank), self.projector_dtype)
-            if plan.side == "right" else None)
+        projector = sub.zero_projector(lay.batch, lay.m, lay.n, plan.side, plan.rank,
+                                       self.projector_dtype)
         rshape = sub.projected_shape(lay.batch, lay.m, lay.n, plan.side, plan.rank)
         return FrugalLeaf(projector, zeros(rshape), zeros(rshape),
                           count if self.reset_on_refresh else None, None)
@@ -201,7 +198,7 @@ class Frugal(engine.Strategy):
         """A new state-full subspace for one matrix ``g (m, n)``; the Adam state restarts."""
         new = sub.compute_projector(g[None], plan.side, plan.rank, _BACKEND[self.subspace], key,
                                     dtype=self.projector_dtype)
-        new = sub.Projector(*(None if x is None else x[0] for x in new))
+        new = sub.first_matrix(new)
         if not self.reset_on_refresh:
             return part._replace(projector=new)
         return part._replace(projector=new, mu=jnp.zeros_like(part.mu),

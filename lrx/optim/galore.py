@@ -88,10 +88,6 @@ def _expand(p: sub.Projector | None) -> sub.Projector | None:
     return None if p is None else sub.Projector(*(None if x is None else x[None] for x in p))
 
 
-def _squeeze(p: sub.Projector) -> sub.Projector:
-    return sub.Projector(*(None if x is None else x[0] for x in p))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Galore(engine.Strategy):
     """GaLore's per-leaf rules (see the module docstring); :func:`scale_by_galore` builds it."""
@@ -141,11 +137,8 @@ class Galore(engine.Strategy):
             return GaloreLeaf(None, zeros(x.shape) if own_adam else None,
                               zeros(x.shape) if own_adam else None, None)
         lay = plan.layout
-        projector = sub.Projector(
-            jnp.zeros((lay.batch, lay.m, plan.rank), self.projector_dtype)
-            if plan.side in ("left", "full") else None,
-            jnp.zeros((lay.batch, lay.n, plan.rank), self.projector_dtype)
-            if plan.side in ("right", "full") else None)
+        projector = sub.zero_projector(lay.batch, lay.m, lay.n, plan.side, plan.rank,
+                                       self.projector_dtype)
         rshape = sub.projected_shape(lay.batch, lay.m, lay.n, plan.side, plan.rank)
         return GaloreLeaf(projector, zeros(rshape) if own_adam else None,
                           zeros(rshape) if own_adam else None,
@@ -172,7 +165,7 @@ class Galore(engine.Strategy):
     def refresh_matrix(self, plan: Plan, g: jax.Array, part: GaloreLeaf, key: jax.Array,
                        count: jax.Array) -> GaloreLeaf:
         """New ``P`` from one matrix ``g (m, n)``, then the moment policy on refresh."""
-        new = _squeeze(sub.compute_projector(
+        new = sub.first_matrix(sub.compute_projector(
             g[None], plan.side, plan.rank, self.projector, key, _expand(part.projector),
             oversample=self.oversample, power_iters=self.power_iters,
             warm_start=self.warm_start, warm_valid=count > 0, dtype=self.projector_dtype))

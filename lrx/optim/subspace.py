@@ -55,7 +55,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +169,19 @@ class Projector(NamedTuple):
 
     left: jax.Array | None
     right: jax.Array | None
+
+
+def zero_projector(batch: int, m: int, n: int, side: str, rank: int, dtype: Any) -> Projector:
+    """An all-zero :class:`Projector` of a ``(batch, m, n)`` stack for ``side`` ('left': ``(batch,
+    m, rank)``, 'right': ``(batch, n, rank)``, 'full': both), the placeholder before a refresh."""
+    return Projector(
+        jnp.zeros((batch, m, rank), dtype) if side in ("left", "full") else None,
+        jnp.zeros((batch, n, rank), dtype) if side in ("right", "full") else None)
+
+
+def first_matrix(p: Projector) -> Projector:
+    """The projector of the first matrix of a stack: ``(1, d, r)`` leaves -> ``(d, r)``."""
+    return Projector(*(None if x is None else x[0] for x in p))
 
 
 def project(g: jax.Array, p: Projector) -> jax.Array:
