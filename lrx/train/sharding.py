@@ -4,9 +4,18 @@ optimizer-state sharding over ``fsdp``.
 The mesh has two axes, ``('data', 'fsdp')``. The batch is split over both axes (every device sees a
 different slice of the batch); each parameter and optimizer-state leaf is split along its largest
 axis divisible by the ``fsdp`` size (replicated when no axis divides), so memory per device shrinks
-with ``fsdp`` while XLA inserts the all-gathers and reduce-scatters. The same code runs on one
-CPU, many fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), a GPU or a
-TPU slice.
+with ``fsdp`` while XLA inserts the all-gathers and reduce-scatters. The bases of an
+:class:`lrx.optim.Projector` in the optimizer state are split along the gradient axis they span
+or replicated (:func:`basis_spec`). The same code runs on one CPU, many fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), a GPU or a TPU slice.
+
+FSDP without gathering: the low-rank optimizers learn the shardings from the jit's in/out
+shardings by XLA's sharding propagation (no option, no mesh inside :mod:`lrx.optim`, so the same
+transform runs under plain ``jit`` on one device). With ``projector='randomized'`` the refresh is
+written only with matmuls that contract a gradient axis, elementwise ops, reductions and
+``k x k`` factorizations (:func:`lrx.optim.subspace.randomized_range`), which XLA partitions
+along either axis without all-gathering the gradient; the exact SVD (the official default) stays
+correct under FSDP but gathers each projected gradient (measured in ``bench_memory``).
 """
 
 from __future__ import annotations
