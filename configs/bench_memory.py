@@ -5,11 +5,14 @@ FRUGAL, Fira, APOLLO(-Mini), from shapes only (experiments/bench_memory.py).
     python run.py --config=configs/bench_memory.py                # both models, every row
     python run.py --config=configs/bench_memory.py:llama_1b       # one model
     python run.py --config=configs/bench_memory.py:smoke          # tiny shapes, seconds
+    python run.py --config=configs/bench_memory.py:fsdp           # the FSDP rows only (8 fake
+                                                                  # CPU devices, a child process)
+    python run.py --config=configs/bench_memory.py:smoke,fsdp     # tiny FSDP rows
 """
 
 from experiments import bench_memory
 
-TOKENS = ("smoke", "llama_1b", "llama_7b")
+TOKENS = ("smoke", "fsdp", "llama_1b", "llama_7b")
 
 
 def get_config(arg=None):
@@ -29,4 +32,9 @@ def get_config(arg=None):
         c.num_layers = 2
         c.block_size = 256
         c.optimizers = ("adamw", "galore_per_layer_8bit")
+        c.fsdp_models = ("tiny",)
+        c.fsdp_optimizers = ()     # the FSDP rows need a child process with 8 devices
+    if "fsdp" in tokens:
+        c.optimizers = ()
+        c.fsdp_optimizers = bench_memory.defaults().fsdp_optimizers
     return c

@@ -211,28 +211,52 @@ def projected_shape(batch: int, m: int, n: int, side: str, rank: int) -> tuple[i
     return (batch, rank, rank)
 
 
-def _qr(y: jax.Array) -> jax.Array:
-    return jnp.linalg.qr(y)[0]
-
-
 def _cholesky_qr(y: jax.Array) -> jax.Array:
-    """Orthonormal basis of ``y (B, d, k)`` by shifted Cholesky-QR (matmuls + a k x k Cholesky;
-    used inside power iterations, where only the span matters; the final basis uses Householder
-    QR). The shift keeps it finite for rank-deficient ``y``."""
+    """Basis of ``y (B, d, k)`` by one shifted Cholesky-QR pass, ``y L⁻ᵀ`` with ``L Lᵀ = yᵀy +
+    s·I`` (used inside power iterations, where only the span matters). The shift keeps it finite
+    for rank-deficient ``y``; ``L⁻ᵀ`` is formed on the small ``k x k`` factor and applied as a
+    matmul, so a ``y`` split over ``d`` stays split (a triangular solve against ``y`` itself
+    would make XLA gather it)."""
     gram = jnp.einsum("bdk,bdj->bkj", y, y)
     k = gram.shape[-1]
+    eye = jnp.eye(k, dtype=gram.dtype)
     shift = 1e-6 * jnp.trace(gram, axis1=-2, axis2=-1)[:, None, None] + 1e-30
-    chol = jnp.linalg.cholesky(gram + shift * jnp.eye(k, dtype=gram.dtype))
-    # y L^{-T}: solve L X^T = y^T
-    return jnp.swapaxes(jax.lax.linalg.triangular_solve(
-        chol, jnp.swapaxes(y, -1, -2), left_side=True, lower=True), -1, -2)
+    chol = jnp.linalg.cholesky(gram + shift * eye)
+    inv = jax.lax.linalg.triangular_solve(chol, jnp.broadcast_to(eye, chol.shape),
+                                          left_side=True, lower=True)        # L⁻¹
+    return jnp.einsum("bdk,bjk->bdj", y, inv)
+
+
+def _svqb(y: jax.Array, passes: int = 2, tol: float = 1e-7) -> jax.Array:
+    """Orthonormal basis of the span of ``y (B, d, k)`` by SVQB (Stathopoulos & Wu, "A block
+    orthogonalization procedure with constant synchronization requirements", SIAM J. Sci.
+    Comput. 23(6), 2002): ``yᵀy = V Λ Vᵀ``, ``Q = y V Λ^{-1/2}``, repeated ``passes`` times
+    (the second pass restores orthogonality lost to rounding).
+
+    Built from matmuls over ``d`` and a ``k x k`` eigh only, so when ``y`` is split over ``d``
+    (a sharded gradient's rows) everything is shard-local except the ``k x k`` Gram matrix (one
+    small all-reduce a pass): no all-gather, unlike Householder QR. Directions with ``λ <=
+    tol·λ_max`` (numerically absent from ``y``) become zero columns instead of noise.
+    """
+    q = y
+    for _ in range(passes):
+        lam, vecs = jnp.linalg.eigh(jnp.einsum("bdk,bdj->bkj", q, q))
+        keep = lam > tol * jnp.max(lam, axis=-1, keepdims=True)
+        scale = jnp.where(keep, jax.lax.rsqrt(jnp.where(keep, lam, 1.0)), 0.0)
+        q = jnp.einsum("bdk,bkj->bdj", q, vecs * scale[:, None, :])
+    return q
 
 
 def fix_signs(x: jax.Array) -> jax.Array:
     """Deterministic signs for basis columns ``x (B, d, r)``: each column's largest-magnitude
-    entry is made positive (singular vectors are defined up to sign; LAPACK/XLA choices differ)."""
-    idx = jnp.argmax(jnp.abs(x), axis=-2, keepdims=True)
-    sign = jnp.sign(jnp.take_along_axis(x, idx, axis=-2))
+    entry (the first one on ties) is made positive (singular vectors are defined up to sign;
+    LAPACK/XLA choices differ). Written as max / min / sum reductions over ``d`` (no gather of
+    ``x`` when it is split over ``d``)."""
+    mag = jnp.abs(x)
+    top = jnp.max(mag, axis=-2, keepdims=True)
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 2)
+    first = jnp.min(jnp.where(mag == top, iota, x.shape[-2]), axis=-2, keepdims=True)
+    sign = jnp.sign(jnp.sum(jnp.where(iota == first, x, 0), axis=-2, keepdims=True))
     return x * jnp.where(sign == 0, 1.0, sign).astype(x.dtype)
 
 
@@ -249,8 +273,11 @@ def _range_basis(g: jax.Array, width: int, key: jax.Array, power_iters: int,
     ``g (B, m, n)``: Halko-Martinsson-Tropp randomized range finder (arXiv 0909.4061, Alg. 4.4),
     ``Y = G Ω`` with Gaussian ``Ω (B, n, width)`` (its first columns replaced by ``seed_cols``
     when given and ``seed_valid``), ``power_iters`` subspace iterations
-    ``Y ← G orth(Gᵀ orth(Y))`` (Cholesky-QR: only the span matters there), then a Householder
-    QR."""
+    ``Y ← G orth(Gᵀ orth(Y))`` (shifted Cholesky-QR, :func:`_cholesky_qr`), then the final basis
+    by SVQB (:func:`_svqb`): only matmuls contracting ``m`` or ``n`` and ``width x width``
+    factorizations, so a ``g`` sharded along either axis is never gathered (the official code
+    has no randomized path; lrx used Householder QR for the final basis before, which XLA
+    partitions by gathering ``Y``)."""
     b, m, n = g.shape
     omega = jax.random.normal(key, (b, n, width), g.dtype)
     if seed_cols is not None:
@@ -262,7 +289,7 @@ def _range_basis(g: jax.Array, width: int, key: jax.Array, power_iters: int,
         q = _cholesky_qr(y)
         z = _cholesky_qr(jnp.einsum("bmn,bmk->bnk", g, q))
         y = jnp.einsum("bmn,bnk->bmk", g, z)
-    return _qr(y)
+    return _svqb(y)
 
 
 def randomized_range(g: jax.Array, rank: int, key: jax.Array, *, oversample: int = 8,

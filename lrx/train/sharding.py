@@ -4,9 +4,18 @@ optimizer-state sharding over ``fsdp``.
 The mesh has two axes, ``('data', 'fsdp')``. The batch is split over both axes (every device sees a
 different slice of the batch); each parameter and optimizer-state leaf is split along its largest
 axis divisible by the ``fsdp`` size (replicated when no axis divides), so memory per device shrinks
-with ``fsdp`` while XLA inserts the all-gathers and reduce-scatters. The same code runs on one
-CPU, many fake CPU devices (``XLA_FLAGS=--xla_force_host_platform_device_count=8``), a GPU or a
-TPU slice.
+with ``fsdp`` while XLA inserts the all-gathers and reduce-scatters. The bases of an
+:class:`lrx.optim.Projector` in the optimizer state are split along the gradient axis they span
+or replicated (:func:`basis_spec`). The same code runs on one CPU, many fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``), a GPU or a TPU slice.
+
+FSDP without gathering: the low-rank optimizers learn the shardings from the jit's in/out
+shardings by XLA's sharding propagation (no option, no mesh inside :mod:`lrx.optim`, so the same
+transform runs under plain ``jit`` on one device). With ``projector='randomized'`` the refresh is
+written only with matmuls that contract a gradient axis, elementwise ops, reductions and
+``k x k`` factorizations (:func:`lrx.optim.subspace.randomized_range`), which XLA partitions
+along either axis without all-gathering the gradient; the exact SVD (the official default) stays
+correct under FSDP but gathers each projected gradient (measured in ``bench_memory``).
 """
 
 from __future__ import annotations
@@ -59,12 +68,43 @@ def fsdp_spec(shape: tuple[int, ...], fsdp_size: int, min_elements: int = 1024) 
     return PartitionSpec(*spec)
 
 
+def basis_spec(shape: tuple[int, ...], fsdp_size: int, min_elements: int = 1024
+               ) -> PartitionSpec:
+    """PartitionSpec of a projector basis ``(..., d, r)`` (:class:`lrx.optim.Projector`): split
+    along ``d`` (the gradient axis it spans) when ``fsdp_size`` divides it, else replicated.
+
+    Why not :func:`fsdp_spec`: a basis is used against its gradient, ``Pᵀ G`` and ``P N``. When
+    the gradient is split along ``d``, a basis split the same way keeps the back-projection local
+    and makes the projection one small all-reduce; when it is not (``d`` indivisible, e.g.
+    llama_1b's intermediate 5461), a basis split along ``r`` (what ``fsdp_spec`` picks) has to
+    be all-gathered, upcast and all, on every step, whereas a replicated one makes both products
+    local. Measured (llama_1b, 8 devices, README "Memory at paper scale").
+    """
+    if fsdp_size <= 1 or len(shape) < 2 or int(np.prod(shape, dtype=np.int64)) < min_elements:
+        return PartitionSpec()
+    if shape[-2] % fsdp_size:
+        return PartitionSpec()
+    spec = [None] * len(shape)
+    spec[-2] = "fsdp"
+    return PartitionSpec(*spec)
+
+
 def tree_shardings(tree: Any, mesh: Mesh) -> Any:
-    """NamedShardings (FSDP rule above) for every array leaf of ``tree`` (arrays or
-    ShapeDtypeStructs)."""
+    """NamedShardings for every array leaf of ``tree`` (arrays or ShapeDtypeStructs): the FSDP
+    rule of :func:`fsdp_spec`, except the bases of a :class:`lrx.optim.Projector` in an optimizer
+    state, which follow :func:`basis_spec`."""
+    from lrx.optim.subspace import Projector
+
     fsdp_size = mesh.shape["fsdp"]
-    return jax.tree_util.tree_map(
-        lambda x: NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp_size)), tree)
+
+    def node(x):
+        if isinstance(x, Projector):
+            return Projector(*(None if b is None else
+                               NamedSharding(mesh, basis_spec(tuple(np.shape(b)), fsdp_size))
+                               for b in x))
+        return NamedSharding(mesh, fsdp_spec(tuple(np.shape(x)), fsdp_size))
+
+    return jax.tree_util.tree_map(node, tree, is_leaf=lambda x: isinstance(x, Projector))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0) -> NamedSharding:

@@ -1,5 +1,6 @@
-"""Every low-rank optimizer on 8 fake CPU devices (mesh fsdp=4, data=2), with scanned and unrolled
-layers, across two projection refreshes, reproduces the 1-device losses, and never hangs.
+"""Every low-rank optimizer on 8 fake CPU devices (meshes fsdp=4 x data=2 and fsdp=8), with scanned
+and unrolled layers, across two projection refreshes, reproduces the 1-device losses, and never
+hangs; ``galore:scan:projector=randomized`` is the gather-free FSDP refresh.
 
 The cases run in two child processes (1 device, 8 devices; one JAX start-up each) watched by the
 parent: a case that makes no progress for ``LRX_CASE_TIMEOUT`` seconds (default 150) is killed and
@@ -30,6 +31,9 @@ RTOL = 1e-5
 FRUGAL_RTOL = 1e-3  # signSGD on near-zero gradient entries (see module docstring)
 CASE_TIMEOUT = float(os.environ.get("LRX_CASE_TIMEOUT", "150"))
 FRUGAL_SGD = "frugal:unrolled:state_free=sgd"
+GALORE_RANDOMIZED = "galore:scan:projector=randomized"
+# mesh name -> (data, fsdp) on 8 devices
+MESHES = {"fsdp4_data2": (2, 4), "fsdp8": (1, 8)}
 
 
 def _have(name):
@@ -37,10 +41,13 @@ def _have(name):
 
 
 CASES = (["adamw:unrolled"]
-         + [f"{o}:{layout}" for o in OPTIMIZERS if _have(o) for layout in LAYOUTS] + [FRUGAL_SGD])
+         + [f"{o}:{layout}" for o in OPTIMIZERS if _have(o) for layout in LAYOUTS] + [FRUGAL_SGD]
+         + [GALORE_RANDOMIZED])
 # The default suite runs the harness control and the layout that used to hang (a scanned stack
-# refreshed under FSDP); the other cases are `slow` (`pytest -m slow`, about 3 more minutes).
+# refreshed under FSDP) on the fsdp=4 x data=2 mesh; the other cases and the fsdp=8 mesh are
+# `slow` (`pytest -m slow`, about 3 more minutes a mesh).
 DEFAULT_CASES = ("adamw:unrolled", "galore:scan")
+DEFAULT_MESH = "fsdp4_data2"
 
 
 def run_cases(tmp, devices, data, fsdp, cases):
@@ -100,36 +107,39 @@ def _tail(path, n=2000):
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    """``get(case) -> (1-device record, 8-device record)``; the default cases run together in one
-    pair of children, the slow ones in another (each group once, when first asked for)."""
-    cache = {}
+    """``get(case, mesh) -> (1-device record, 8-device record)``; the default cases run together
+    in one child per mesh (and one on 1 device), the slow ones in others (each group once, when
+    first asked for)."""
+    ones, eights = {}, {}
 
-    def get(case):
-        if case not in cache:
-            group = [c for c in CASES if (c in DEFAULT_CASES) == (case in DEFAULT_CASES)]
-            tmp = str(tmp_path_factory.mktemp("multidevice"))
+    def get(case, mesh):
+        group = tuple(c for c in CASES if (c in DEFAULT_CASES) == (case in DEFAULT_CASES))
+        if group not in ones:
+            tmp = str(tmp_path_factory.mktemp("one-device"))
+            ones[group] = run_cases(tmp, 1, 1, 1, list(group))
+        if (group, mesh) not in eights:
+            tmp = str(tmp_path_factory.mktemp(f"multidevice-{mesh}"))
             t0 = time.monotonic()
-            one = run_cases(tmp, 1, 1, 1, group)
-            eight = run_cases(tmp, 8, 2, 4, group)
-            print(f"multi-device cases {group}: {time.monotonic() - t0:.0f} s")
-            cache.update({c: (one[c], eight[c]) for c in group})
-        return cache[case]
+            eights[(group, mesh)] = run_cases(tmp, 8, *MESHES[mesh], list(group))
+            print(f"{mesh} cases {group}: {time.monotonic() - t0:.0f} s")
+        return ones[group][case], eights[(group, mesh)][case]
 
     return get
 
 
-def _case(case):
-    marks = [] if case in DEFAULT_CASES else [pytest.mark.slow]
+def _case(case, mesh):
+    marks = [] if case in DEFAULT_CASES and mesh == DEFAULT_MESH else [pytest.mark.slow]
     name = case.split(":")[0]
     if name != "adamw" and not _have(name):
         marks.append(pytest.mark.skip(reason=f"configs/{name}.py does not exist (yet)"))
-    return pytest.param(case, marks=marks)
+    return pytest.param(case, mesh, marks=marks, id=f"{mesh}-{case}")
 
 
-@pytest.mark.parametrize("case", [_case(c) for c in ["adamw:unrolled", FRUGAL_SGD] + [
+@pytest.mark.parametrize("case,mesh", [_case(c, m) for m in MESHES for c in [
+    "adamw:unrolled", FRUGAL_SGD, GALORE_RANDOMIZED] + [
     f"{o}:{layout}" for o in OPTIMIZERS for layout in LAYOUTS]])
-def test_fsdp4_data2_matches_one_device_without_hanging(case, results):
-    one, eight = results(case)
+def test_eight_devices_match_one_device_without_hanging(case, mesh, results):
+    one, eight = results(case, mesh)
     for devices, r in ((1, one), (8, eight)):
         assert r["event"] == "done", (f"{case} on {devices} device(s): {r['event']}: "
                                       f"{r['error']}\n{r.get('traceback', '')}")
@@ -137,4 +147,5 @@ def test_fsdp4_data2_matches_one_device_without_hanging(case, results):
     assert len(a) == len(b) == 5
     rtol = FRUGAL_RTOL if case.startswith("frugal") and "state_free=sgd" not in case else RTOL
     worst = max(abs(x - y) / abs(x) for x, y in zip(a, b))
-    assert worst <= rtol, f"{case}: 1 device {a} vs 8 devices {b} (worst relative {worst:.2e})"
+    assert worst <= rtol, (f"{case}: 1 device {a} vs 8 devices ({mesh}) {b} (worst relative "
+                           f"{worst:.2e})")
