@@ -23,7 +23,7 @@ import time
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 LAYOUTS = ("unrolled", "scan")
 OPTIMIZERS = ("galore", "frugal", "fira", "apollo")
@@ -54,7 +54,7 @@ def run_cases(tmp, devices, data, fsdp, cases):
     """{case: record} for every case: 'done' with losses, 'error' or 'hung'."""
     results, remaining, attempt = {}, list(cases), 0
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     while remaining:
         attempt += 1
         out = os.path.join(tmp, f"results-{devices}-{attempt}.jsonl")

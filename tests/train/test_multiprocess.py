@@ -84,8 +84,10 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
+    from tests.conftest import xla_flags
+
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     env.pop("JAX_NUM_CPU_DEVICES", None)
     return env
 

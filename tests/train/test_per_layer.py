@@ -102,14 +102,15 @@ def _per_slice_reference(params, tokens, loss_fn, opt):
               for i in range(CFG.num_layers)]
     s_outer, s_layers = opt.init(outer), [opt.init(lp) for lp in layers]
     grad = jax.jit(jax.grad(lambda p, b: loss_fn(p, None, b, None)[0]))
+    update = jax.jit(opt.update)  # one compile for the outer tree, one shared by the layer slices
     stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)
     for t in range(STEPS):
         g = grad({**outer, "layers": stack(layers)}, tokens[t, 0])
-        u, s_outer = opt.update({k: v for k, v in g.items() if k != "layers"}, s_outer, outer)
+        u, s_outer = update({k: v for k, v in g.items() if k != "layers"}, s_outer, outer)
         outer = optax.apply_updates(outer, u)
         for i in range(CFG.num_layers):
             gi = jax.tree_util.tree_map(lambda a, i=i: a[i], g["layers"])
-            u, s_layers[i] = opt.update(gi, s_layers[i], layers[i])
+            u, s_layers[i] = update(gi, s_layers[i], layers[i])
             layers[i] = optax.apply_updates(layers[i], u)
     return {**outer, "layers": stack(layers)}
 

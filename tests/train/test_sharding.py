@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from lrx.train import sharding
-from tests.conftest import ROOT
+from tests.conftest import ROOT, xla_flags
 
 COMMON = ["--config=configs/adamw.py:smoke", "--config.train.steps=5",
           "--config.train.batch_size=8", "--config.train.eval_windows=8",
@@ -22,7 +22,7 @@ COMMON = ["--config=configs/adamw.py:smoke", "--config.train.steps=5",
 
 def _run(workdir, *args, devices=1):
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+               XLA_FLAGS=xla_flags(devices))
     return subprocess.run([sys.executable, "run.py", *COMMON, f"--workdir={workdir}", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
