@@ -100,7 +100,7 @@ def test_sharded_randomized_refresh_equals_one_device_without_gathering(tmp_path
 
     out = tmp_path / "records.json"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+               XLA_FLAGS=xla_flags(8))
     proc = subprocess.run([sys.executable, "-m", "tests.train.sharded_refresh", str(out)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
