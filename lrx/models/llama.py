@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lrx.optim.engine import from_int_view, int_view
 from lrx.param import dot, read_kernel
 
 
@@ -116,19 +117,6 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
 
 
-def _bits(a: jax.Array) -> jax.Array:
-    """A 16-bit float array viewed as uint16 (others as they are): writing slices of the view
-    is an integer op, which XLA:CPU does not upcast to float32."""
-    if a.dtype in (jnp.bfloat16, jnp.float16):
-        return jax.lax.bitcast_convert_type(a, jnp.uint16)
-    return a
-
-
-def _unbits(a: jax.Array, dtype: Any) -> jax.Array:
-    """Inverse of :func:`_bits` for an array of ``dtype``."""
-    return jax.lax.bitcast_convert_type(a, dtype) if a.dtype != dtype else a
-
-
 def _take(stack: Any, i: jax.Array) -> Any:
     """Layer ``i`` of a stacked tree (every leaf ``(L, ...)``)."""
     return jax.tree_util.tree_map(
@@ -159,12 +147,12 @@ def remat_stack(layer_fn: Callable[[Any, jax.Array], jax.Array], stack: Any,
 
 def _stack_forward(layer_fn, stack, x, save):
     num = jax.tree_util.tree_leaves(stack)[0].shape[0]
-    saved = jnp.zeros((num if save else 0, *x.shape), _bits(x).dtype)
+    saved = jnp.zeros((num if save else 0, *x.shape), int_view(x).dtype)
 
     def body(i, carry):
         h, saved, stack = jax.lax.optimization_barrier(carry)
         if save:
-            saved = jax.lax.dynamic_update_index_in_dim(saved, _bits(h), i, 0)
+            saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(h), i, 0)
         return layer_fn(_take(stack, i), h), saved, stack
 
     h, saved, _ = jax.lax.fori_loop(0, num, body, (x, saved, stack))
@@ -183,16 +171,16 @@ def _remat_stack_bwd(layer_fn, residuals, g_y):
     def body(k, carry):
         g_h, grads, stack = jax.lax.optimization_barrier(carry)
         i = num - 1 - k
-        x_i = _unbits(jax.lax.dynamic_index_in_dim(saved, i, 0, keepdims=False), g_y.dtype)
+        x_i = from_int_view(jax.lax.dynamic_index_in_dim(saved, i, 0, keepdims=False), g_y.dtype)
         _, vjp = jax.vjp(layer_fn, _take(stack, i), x_i)
         g_layer, g_h = vjp(g_h)
         grads = jax.tree_util.tree_map(
-            lambda a, v: jax.lax.dynamic_update_index_in_dim(a, _bits(v), i, 0), grads, g_layer)
+            lambda a, v: jax.lax.dynamic_update_index_in_dim(a, int_view(v), i, 0), grads, g_layer)
         return g_h, grads, stack
 
-    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, _bits(a).dtype), stack)
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, int_view(a).dtype), stack)
     g_x, grads, _ = jax.lax.fori_loop(0, num, body, (g_y, zeros, stack))
-    return jax.tree_util.tree_map(lambda g, a: _unbits(g, a.dtype), grads, stack), g_x
+    return jax.tree_util.tree_map(lambda g, a: from_int_view(g, a.dtype), grads, stack), g_x
 
 
 remat_stack.defvjp(_remat_stack_fwd, _remat_stack_bwd)
