@@ -18,12 +18,15 @@ Kernels are stored in Flax's ``(in, out)`` layout, the transpose of PyTorch's ``
 from __future__ import annotations
 
 import dataclasses
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lrx.optim.engine import from_int_view, int_view
 from lrx.param import dot, read_kernel
 
 
@@ -112,6 +115,75 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     return (x.astype(jnp.float32) * c + rotated.astype(jnp.float32) * s).astype(x.dtype)
+
+
+def _take(stack: Any, i: jax.Array) -> Any:
+    """Layer ``i`` of a stacked tree (every leaf ``(L, ...)``)."""
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, 0, keepdims=False), stack)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def remat_stack(layer_fn: Callable[[Any, jax.Array], jax.Array], stack: Any,
+                x: jax.Array) -> jax.Array:
+    """``x_L`` of ``x_{i+1} = layer_fn(stack[i], x_i)``, ``i = 0 .. L-1``: a rematerialised scan
+    over a stacked layer tree (every leaf ``(L, ...)``; ``x`` e.g. ``(B, T, H)``, same shape and
+    dtype in and out), differentiable w.r.t. ``stack`` and ``x``.
+
+    The forward loop keeps each layer's input (``(L, *x.shape)``, what a remat'ed ``nn.scan``
+    keeps); the backward loop re-runs layer ``i`` under ``jax.vjp`` and writes its gradient into
+    the stacked gradient in place. The numbers are those of ``nn.scan(nn.remat(Block))``; what
+    differs is what XLA:CPU makes of it. XLA:CPU computes bf16 ops in float32, and under
+    ``nn.scan`` it upcast every *whole* bf16 stack around the per-layer ``dynamic-slice`` and
+    hoisted that float32 copy out of the loop, and kept the stacked bf16 gradients as float32
+    loop buffers (llama_1b: ``f32[24,2048,5461]``-size buffers in both loops' tuples; README
+    "Memory at paper scale"). Here both loops pass their carry (stack included) through
+    ``optimization_barrier``, so no upcast can be hoisted (the slice is fused with its upcast),
+    and the gradient stacks are written as uint16 views of their bits (:func:`_bits`), which
+    nothing upcasts. Forward-mode differentiation (``jax.jvp``) is not defined (custom VJP).
+    """
+    return _stack_forward(layer_fn, stack, x, save=False)[0]
+
+
+def _stack_forward(layer_fn, stack, x, save):
+    num = jax.tree_util.tree_leaves(stack)[0].shape[0]
+    saved = jnp.zeros((num if save else 0, *x.shape), int_view(x).dtype)
+
+    def body(i, carry):
+        h, saved, stack = jax.lax.optimization_barrier(carry)
+        if save:
+            saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(h), i, 0)
+        return layer_fn(_take(stack, i), h), saved, stack
+
+    h, saved, _ = jax.lax.fori_loop(0, num, body, (x, saved, stack))
+    return h, saved
+
+
+def _remat_stack_fwd(layer_fn, stack, x):
+    y, saved = _stack_forward(layer_fn, stack, x, save=True)
+    return y, (stack, saved)
+
+
+def _remat_stack_bwd(layer_fn, residuals, g_y):
+    stack, saved = residuals
+    num = saved.shape[0]
+
+    def body(k, carry):
+        g_h, grads, stack = jax.lax.optimization_barrier(carry)
+        i = num - 1 - k
+        x_i = from_int_view(jax.lax.dynamic_index_in_dim(saved, i, 0, keepdims=False), g_y.dtype)
+        _, vjp = jax.vjp(layer_fn, _take(stack, i), x_i)
+        g_layer, g_h = vjp(g_h)
+        grads = jax.tree_util.tree_map(
+            lambda a, v: jax.lax.dynamic_update_index_in_dim(a, int_view(v), i, 0), grads, g_layer)
+        return g_h, grads, stack
+
+    zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, int_view(a).dtype), stack)
+    g_x, grads, _ = jax.lax.fori_loop(0, num, body, (g_y, zeros, stack))
+    return jax.tree_util.tree_map(lambda g, a: from_int_view(g, a.dtype), grads, stack), g_x
+
+
+remat_stack.defvjp(_remat_stack_fwd, _remat_stack_bwd)
 
 
 class Linear(nn.Module):
@@ -211,7 +283,14 @@ class Llama(nn.Module):
         x = jnp.take(embedding, tokens, axis=0).astype(jnp.dtype(c.dtype))
         rope = rope_angles(jnp.arange(T), c.head_dim, c.rope_theta)
         block = nn.remat(Block) if c.remat else Block
-        if c.scan_layers:
+        if c.scan_layers and c.remat and not self.is_initializing():
+            # the parameters the nn.scan below creates, run by remat_stack (same numbers; no
+            # float32 copy of a whole stack on XLA:CPU)
+            x = remat_stack(lambda layer, h: Block(c).apply(
+                {"params": layer}, h, rope_angles(jnp.arange(h.shape[1]), c.head_dim,
+                                                  c.rope_theta))[0],
+                self.variables["params"]["layers"], x)
+        elif c.scan_layers:
             stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                             in_axes=nn.broadcast, length=c.num_layers)
             x, _ = stack(c, name="layers")(x, rope)

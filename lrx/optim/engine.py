@@ -19,7 +19,11 @@ everything the methods share, once:
   decomposition, Fira's residual) right after: the compiled peak of a train step holds one
   matrix's workspace at a time, not every gradient (a cond or an ``optimization_barrier`` chain
   across leaves would keep all gradients alive: 17.7 and 22.2 GiB instead of 10.65 GiB for the
-  llama_1b f32 step, README "Issue #11 targets").
+  llama_1b f32 step, README "Issue #11 targets"); the update of a stacked leaf likewise walks
+  its matrices one at a time (:func:`update_per_matrix`, for strategies whose
+  ``update_leaf`` is separable per matrix: GaLore, Fira, FRUGAL; not APOLLO, whose random
+  projection is drawn for the whole stack), so its float32 temporaries (projection, moments,
+  back-projection) are one matrix's, not the stack's.
 
 The state of a method is ``State(count, key, *leaf fields, *global fields)``: ``count`` int32
 ``[]``, ``key`` the PRNG key (or None), then one pytree like the params per field of the method's
@@ -81,6 +85,9 @@ class Strategy:
     seed: int = 0
     mask: Any = None
     dimension_numbers: Any = None
+    # update_leaf of a stacked leaf is separable per matrix (no draw or statistic across the
+    # batch axis): the engine then updates the stack one matrix at a time (update_per_matrix)
+    per_matrix_update: bool = False
 
     def plan(self, layout: sub.Layout | None, name: str) -> Plan:
         """The static plan of one leaf (``layout`` None: the leaf is not selected)."""
@@ -211,6 +218,60 @@ def plans(strategy: Strategy, tree: Any) -> tuple[list[Plan], Any, list]:
 def matrices_count(plans_: list[Plan]) -> int:
     """Number of independent selected matrices (batch entries included)."""
     return sum(p.layout.batch for p in plans_ if p.layout is not None)
+
+
+# ------------------------------------------------------------------------- per-matrix update
+
+def int_view(x: Any) -> Any:
+    """A 16-bit float array viewed as uint16 (other values as they are). Slicing a stack and
+    writing slices into one are integer ops on the view, which XLA:CPU never upcasts: on a bf16
+    stack it computes ``dynamic-slice`` / ``dynamic-update-slice`` in float32 through a float32
+    copy of the *whole* stack, which it hoists out of the loop."""
+    if getattr(x, "dtype", None) in (jnp.bfloat16, jnp.float16):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def from_int_view(x: Any, dtype: Any) -> Any:
+    """Inverse of :func:`int_view` for a value of ``dtype``."""
+    return jax.lax.bitcast_convert_type(x, dtype) if x.dtype != dtype else x
+
+
+def _one_matrix(plan: Plan) -> Plan:
+    lay = plan.layout
+    return dataclasses.replace(plan, layout=sub.Layout((0, 1, 2), (1, lay.m, lay.n), 1, lay.m,
+                                                       lay.n))
+
+
+def update_per_matrix(strategy: Strategy, plan: Plan, g3: jax.Array, leaf: Any,
+                      count: jax.Array, key: jax.Array | None, dtype: Any
+                      ) -> tuple[jax.Array, Any]:
+    """:meth:`Strategy.update_leaf` of a stacked leaf (``g3 (B, m, n)``, every ``leaf`` array
+    ``(B, ...)``) one matrix at a time (a loop over ``B``), the direction cast to ``dtype``: the
+    float32 temporaries (projection, moments, back-projection) are one matrix's, not the
+    stack's. Same numbers as one call on the stack for a strategy with ``per_matrix_update``.
+
+    The stacks travel as loop carries through ``optimization_barrier`` (so no float32 upcast of
+    a whole stack is hoisted out of the loop) and the direction is written into a uint16 view
+    (:func:`int_view`), as in the per-layer step (:mod:`lrx.train.per_layer`)."""
+    one = _one_matrix(plan)
+    take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, 0), tree)
+    put = lambda tree, value, i: jax.tree_util.tree_map(  # noqa: E731
+        lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, 0),
+        tree, value)
+
+    def body(i, carry):
+        g3, leaf, u = jax.lax.optimization_barrier(carry)
+        g_i = take(g3, i)
+        u_i, new = strategy.update_leaf(one, g_i, g_i, take(leaf, i), count, key)
+        u = jax.lax.dynamic_update_index_in_dim(u, int_view(u_i.astype(dtype)), i, 0)
+        return g3, put(leaf, new, i), u
+
+    u = jnp.zeros((plan.layout.batch, plan.layout.m, plan.layout.n),
+                  int_view(jnp.zeros((), dtype)).dtype)
+    _, leaf, u = jax.lax.fori_loop(0, plan.layout.batch, body, (g3, leaf, u))
+    return plan.layout.from3(from_int_view(u, dtype)), leaf
 
 
 # ----------------------------------------------------------------------------------- adam math
@@ -347,10 +408,16 @@ def transform(strategy: Strategy) -> optax.GradientTransformation:
             # Leaf by leaf with no cross-leaf dependency: each update (Fira's residual
             # included) is a function of its own gradient only, so its temporaries live while
             # that one leaf is processed.
+            # A stacked leaf of a per-matrix strategy goes one matrix at a time.
             out = []
             for i, p in enumerate(pl):
-                u, leaves[i] = strategy.update_leaf(p, grads[i], g3[i], leaves[i], count,
-                                                    state.key)
+                if (strategy.per_matrix_update and p.kind != "dense" and p.layout is not None
+                        and p.layout.batch > 1):
+                    u, leaves[i] = update_per_matrix(strategy, p, g3[i], leaves[i], count,
+                                                     state.key, grads[i].dtype)
+                else:
+                    u, leaves[i] = strategy.update_leaf(p, grads[i], g3[i], leaves[i], count,
+                                                        state.key)
                 out.append(u.astype(grads[i].dtype))
         else:
             out, leaves, globals_ = done

@@ -149,6 +149,7 @@ class Frugal(engine.Strategy):
     projector_dtype: Any = jnp.float32
     moment_dtype: Any = None
     seed: int = 0
+    per_matrix_update = True      # update_leaf is per matrix (every kind)
 
     @property
     def needs_key(self) -> bool:

@@ -114,6 +114,7 @@ class Galore(engine.Strategy):
     projector_dtype: Any = jnp.float32
     moment_dtype: Any = None
     seed: int = 0
+    per_matrix_update = True      # update_leaf is per matrix (Fira's too)
 
     @property
     def needs_key(self) -> bool:

@@ -196,3 +196,15 @@ def test_fsdp_rows_from_a_child_process(tmp_path):
     assert by["galore_randomized"]["allreduce_bytes_refresh"] > 0
     assert by["adamw"]["allgather_bytes_refresh"] == 0
     assert (tmp_path / "fsdp.md").exists()
+
+
+def test_config_argument_uses_the_shared_grammar():
+    from configs import bench_memory as config_file
+
+    c = config_file.get_config("llama_1b,optimizers=adamw+galore_bf16,seq_len=128")
+    assert (c.models, c.optimizers, c.seq_len) == (("llama_1b",), ("adamw", "galore_bf16"), 128)
+    assert config_file.get_config(None).models == ("llama_1b", "llama_7b")
+    with pytest.raises(ConfigError, match="unknown config argument 'llama_13b'"):
+        config_file.get_config("llama_13b")
+    with pytest.raises(ConfigError):
+        config_file.get_config("no_such_key=3")

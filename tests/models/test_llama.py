@@ -137,3 +137,40 @@ def test_factored_kernels_without_witness_and_whole_tree_gradient():
     assert jax.tree.structure(g) == jax.tree.structure(fparams)
     gq = g["layers_0"]["attn"]["q"]["kernel"]
     assert gq.u.shape == (16, 4) and np.all(np.isfinite(np.asarray(gq.u)))
+
+
+def _unstack(stack, num_layers):
+    return {f"layers_{i}": jax.tree_util.tree_map(lambda a, i=i: a[i], stack)
+            for i in range(num_layers)}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_scanned_remat_stack_matches_unrolled_layers(dtype):
+    # scan_layers + remat runs remat_stack (a custom-VJP loop); its loss and gradients must be
+    # those of the unrolled model (a Python loop of Blocks) with the same weights.
+    base = {**SMALL.__dict__, "num_layers": 3, "dtype": dtype, "param_dtype": dtype}
+    scanned = llama.LlamaConfig(**{**base, "scan_layers": True, "remat": True})
+    unrolled = llama.LlamaConfig(**base)
+    params = _params(scanned)
+    assert params["layers"]["mlp"]["up"]["kernel"].shape == (3, 32, 48)
+    flat = {k: v for k, v in params.items() if k != "layers"}
+    flat.update(_unstack(params["layers"], 3))
+    tokens = np.random.default_rng(2).integers(0, 64, size=(2, 9)).astype(np.int32)
+
+    def loss(cfg):
+        def f(p):
+            logits = llama.Llama(cfg).apply({"params": p}, tokens[:, :-1])
+            logp = jax.nn.log_softmax(logits)
+            return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1).mean()
+        return jax.jit(jax.value_and_grad(f))
+
+    l_s, g_s = loss(scanned)(params)
+    l_u, g_u = loss(unrolled)(flat)
+    tol = 1e-5 if dtype == "float32" else 2e-2
+    np.testing.assert_allclose(float(l_s), float(l_u), rtol=tol)
+    g_s = {**{k: v for k, v in g_s.items() if k != "layers"}, **_unstack(g_s["layers"], 3)}
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_s),
+                            jax.tree_util.tree_leaves(g_u), strict=True):
+        assert a.dtype == jnp.dtype(dtype), path
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max(), err_msg=str(path))
