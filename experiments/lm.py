@@ -2,7 +2,11 @@
 (AdamW, GaLore, FRUGAL, Fira) and any lrx parameterization, through the shared training loop.
 
 The config schema is :func:`defaults`; config files start from it (``configs/adamw.py``,
-``configs/galore.py``, ...). Outputs in the workdir: ``checkpoints/``, ``metrics.jsonl``,
+``configs/galore.py``, ...). ``config.sweep`` (``--config.sweep.lr='(1e-3,3e-3,1e-2)'``,
+``--config.sweep.seeds=3``) trains the lr x seed grid as one vmapped program
+(:mod:`lrx.train.sweep`): ``metrics.jsonl`` rows carry each replica's ``peak_lr`` and ``seed``
+and ``summary.json`` a ``replicas`` list (its top-level eval loss is the best replica's).
+Outputs in the workdir: ``checkpoints/``, ``metrics.jsonl``,
 ``summary.json``, ``summary.md`` and ``loss.png``.
 """
 
@@ -934,7 +938,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if replica_rows is not None:  # eval_loss above: the best replica that trained to the end
         summary["replicas"] = replica_rows
         summary["best_replica"] = best["replica"]
-        summary["tokens_per_s_note"] = "tokens of all replicas per second"
+        summary["tokens_per_s_note"] = "tokens of one replica per second (all replicas: x K)"
     if jax.process_index() == 0:
         common.write_summary(workdir, summary)
         _write_table(workdir, summary)
