@@ -17,7 +17,8 @@ Tokens: `smoke`, and KEY=VALUE for any key (`model=<preset>` of tiny, llama_60m,
 llama_350m, llama_1b; `steps=<int>`; `methods=<a+b+...>`; `lr_factors=0.333+1+3`; `seeds=3`).
 
 Budgets. tiny (the default): 200 steps x 8 x 128 bytes (205k tokens per run), 8 evaluations per
-run, lr grid (1/3, 1, 3) x paper lr, 3 seeds: 10 methods x (3 + 3) replicas, sized for <= 60 min
+run, lr grid (1/3, 1, 3) x paper lr, 3 seeds (seed 0 from the tuning sweep): 10 methods x (3 + 2)
+replicas, sized for <= 60 min
 on 2 uncontended CPU cores (README "Results: pretraining" has the measured wall time). The llama
 presets are GaLore's Table 2 protocol (experiments/lm.py PAPER_SETUPS; each config's paper
 variant): 10K / 20K / 60K / 100K steps x 512 x 256 tokens, warm-up 10%, cosine to 10%, the

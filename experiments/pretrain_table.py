@@ -17,7 +17,9 @@ program for all replicas):
    APOLLO, APOLLO-Mini 1e-2), seed ``seed``; the best lr is the one with the lowest final eval
    loss among the replicas that did not diverge (a best lr at the edge of the grid is flagged).
 2. **seeds**: the best lr with ``seeds`` seeds (init and step randomness; the data stream is
-   shared), reported as mean ± std (n - 1) of the final eval bits/byte.
+   shared), reported as mean ± std (n - 1) of the final eval bits/byte. Seed ``seed`` is the
+   tuning sweep's replica at that lr (a replica of a vmapped sweep equals the run done alone,
+   tests/train/test_sweep.py), so this phase trains seeds ``seed + 1 .. seed + seeds - 1``.
 
 Every run evaluates ``evals`` times, so ``curves.png`` and the curve table show eval loss against
 tokens for each method's best lr (mean over seeds) and ``summary.json`` records the ordering of
@@ -114,12 +116,16 @@ def lr_grid(config: ml_collections.ConfigDict, name: str) -> tuple[float, ...]:
 def phase_config(config: ml_collections.ConfigDict, name: str, phase: str,
                  best_lr: float | None = None) -> ml_collections.ConfigDict:
     """The ``lm`` config of one phase: 'tune' sweeps :func:`lr_grid` at ``seed``; 'seeds' runs
-    ``best_lr`` with ``seeds`` seeds."""
+    ``best_lr`` with the other ``seeds - 1`` seeds (``seed + 1, ...``; seed ``seed`` is the
+    tuning replica)."""
     c = run_config(config, name)
     if phase == "tune":
         c.sweep.lr, c.sweep.seeds = lr_grid(config, name), 1
     else:
-        c.sweep.lr, c.sweep.seeds = (float(best_lr),), int(config.seeds)
+        if config.seeds < 2:
+            raise ValueError("the seeds phase needs config.seeds >= 2")
+        c.seed = int(config.seed) + 1
+        c.sweep.lr, c.sweep.seeds = (float(best_lr),), int(config.seeds) - 1
     return c
 
 
@@ -192,12 +198,16 @@ def best_replica(summary: dict) -> dict | None:
     return min(live, key=lambda r: r["eval_loss"]) if live else None
 
 
-def _eval_curve(sub: str) -> list[tuple[int, float, float]]:
-    """``(step, mean, std)`` of the eval loss over the replicas of a run, per evaluation."""
+def _eval_curve(workdir: str, name: str, best: dict) -> list[tuple[int, float, float]]:
+    """``(step, mean, std)`` of the eval loss over the seeds of method ``name`` at its best lr
+    (the tuning replica ``best`` and every replica of the seeds phase), per evaluation."""
     from lrx.train.loop import read_metrics
 
+    rows = [r for r in read_metrics(os.path.join(workdir, name, "tune"))
+            if r.get("replica") == best["replica"]]
+    rows += read_metrics(os.path.join(workdir, name, "seeds"))
     by_step: dict[int, list[float]] = {}
-    for r in read_metrics(sub):
+    for r in rows:
         if "eval_loss" in r:
             by_step.setdefault(int(r["step"]), []).append(float(r["eval_loss"]))
     return [(s, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
@@ -222,7 +232,8 @@ def _row(config, name: str, tune: dict, seeds: dict | None) -> dict[str, Any]:
     edge = " (grid edge)" if best["peak_lr"] in (grid[0], grid[-1]) and len(grid) > 1 else ""
     row["best lr"] = f"{best['peak_lr']:g}{edge}"
     if seeds and seeds.get("replicas"):
-        bpb = [r["eval_bits_per_byte"] for r in seeds["replicas"]]
+        bpb = [best["eval_bits_per_byte"]] + [r["eval_bits_per_byte"]
+                                              for r in seeds["replicas"]]
         mean, std = _mean_std(bpb)
         n = sum(math.isfinite(x) for x in bpb)
         row["eval bits/byte (mean ± std)"] = f"{mean:.4f} ± {std:.4f} (n={n})"
@@ -275,7 +286,7 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
                            "train loss": r["final_train_loss"]})
     common.write_table(workdir, "tuning", tuning, title="Tuning sweeps (seed "
                        f"{config.seed}): final eval loss per learning rate")
-    curves = {n: _eval_curve(os.path.join(workdir, n, "seeds")) for n in seeds
+    curves = {n: _eval_curve(workdir, n, best_replica(tunes[n])) for n in seeds
               if seeds[n].get("replicas")}
     orderings = _orderings(curves)
     stable_since = None

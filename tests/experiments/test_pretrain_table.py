@@ -53,7 +53,8 @@ def test_tune_and_seed_phases():
     assert tune.optimizer.update_proj_gap == 2            # 2% of 100 steps (GaLore: 200 of 10K)
     assert tune.train.eval_every == 100 // c.evals == tune.train.checkpoint_every
     seeds = pretrain_table.phase_config(c, "galore", "seeds", best_lr=0.03)
-    assert seeds.sweep.lr == (0.03,) and seeds.sweep.seeds == 3
+    # seed 0 is the tuning replica: the seeds phase trains seeds 1 and 2
+    assert seeds.sweep.lr == (0.03,) and (seeds.seed, seeds.sweep.seeds) == (1, 2)
     mini = pretrain_table.run_config(c, "apollo_mini")
     assert (mini.optimizer.rank, mini.optimizer.scale_type) == (1, "tensor")
     pretrain_table.validate(c)
@@ -97,10 +98,10 @@ def test_best_lr_skips_diverged_replicas_and_flags_the_grid_edge():
     assert pretrain_table.best_replica(tune)["peak_lr"] == grid[1]
     assert pretrain_table.best_replica(_tune_summary({grid[0]: 1.0}, diverged=(grid[0],))) is None
     edge = _tune_summary({grid[0]: 2.0, grid[1]: 1.9, grid[2]: 1.5})
-    losses = [1.5, 1.6, 1.45]
+    losses = [1.5, 1.6, 1.45]                             # seed 0 = the tuning replica (1.5)
     seeds = _tune_summary({grid[2]: 0.0}) | {"replicas": [
         {"seed": s, "eval_bits_per_byte": x / np.log(2), "status": "done"}
-        for s, x in enumerate(losses)]}
+        for s, x in enumerate(losses[1:], start=1)]}
     row = pretrain_table._row(c, "lora", edge, seeds)
     assert row["best lr"] == f"{grid[2]:g} (grid edge)"
     bits = np.array(losses) / np.log(2)
