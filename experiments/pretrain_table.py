@@ -198,9 +198,11 @@ def best_replica(summary: dict) -> dict | None:
     return min(live, key=lambda r: r["eval_loss"]) if live else None
 
 
-def _eval_curve(workdir: str, name: str, best: dict) -> list[tuple[int, float, float]]:
+def _eval_curve(workdir: str, name: str, best: dict,
+                every: int = 1) -> list[tuple[int, float, float]]:
     """``(step, mean, std)`` of the eval loss over the seeds of method ``name`` at its best lr
-    (the tuning replica ``best`` and every replica of the seeds phase), per evaluation."""
+    (the tuning replica ``best`` and every replica of the seeds phase), per scheduled evaluation
+    (steps that are multiples of ``every``; an evaluation at an interruption is left out)."""
     from lrx.train.loop import read_metrics
 
     rows = [r for r in read_metrics(os.path.join(workdir, name, "tune"))
@@ -208,7 +210,7 @@ def _eval_curve(workdir: str, name: str, best: dict) -> list[tuple[int, float, f
     rows += read_metrics(os.path.join(workdir, name, "seeds"))
     by_step: dict[int, list[float]] = {}
     for r in rows:
-        if "eval_loss" in r:
+        if "eval_loss" in r and int(r["step"]) % every == 0:
             by_step.setdefault(int(r["step"]), []).append(float(r["eval_loss"]))
     return [(s, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
             for s, v in sorted(by_step.items())]
@@ -286,8 +288,11 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
                            "train loss": r["final_train_loss"]})
     common.write_table(workdir, "tuning", tuning, title="Tuning sweeps (seed "
                        f"{config.seed}): final eval loss per learning rate")
-    curves = {n: _eval_curve(workdir, n, best_replica(tunes[n])) for n in seeds
-              if seeds[n].get("replicas")}
+    # every tuned method's curve at its best lr: over its seeds once the seeds phase ran, the
+    # tuning replica alone (std 0) before
+    every = max(1, config.steps // config.evals)
+    curves = {n: _eval_curve(workdir, n, best_replica(tunes[n]), every) for n in tunes
+              if best_replica(tunes[n]) is not None}
     orderings = _orderings(curves)
     stable_since = None
     if orderings:
@@ -306,7 +311,7 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
         curve_rows.append(row)
     if curve_rows:
         common.write_table(workdir, "curves", curve_rows, title="Eval bits/byte vs tokens at each "
-                           "method's best lr (mean ± std over seeds)")
+                           "method's best lr (mean ± std over seeds; ±0 = one seed so far)")
         _plot(workdir, curves, tokens_per_step)
     ranked = sorted([r for r in rows if math.isfinite(r.get("_mean_bpb", math.nan))],
                     key=lambda r: r["_mean_bpb"])
