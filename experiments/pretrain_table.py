@@ -199,10 +199,11 @@ def best_replica(summary: dict) -> dict | None:
 
 
 def _eval_curve(workdir: str, name: str, best: dict,
-                every: int = 1) -> list[tuple[int, float, float]]:
+                every: int = 1, last: int = 0) -> list[tuple[int, float, float]]:
     """``(step, mean, std)`` of the eval loss over the seeds of method ``name`` at its best lr
     (the tuning replica ``best`` and every replica of the seeds phase), per scheduled evaluation
-    (steps that are multiples of ``every``; an evaluation at an interruption is left out)."""
+    (steps that are multiples of ``every``, and ``last``; an evaluation at an interruption is left
+    out)."""
     from lrx.train.loop import read_metrics
 
     rows = [r for r in read_metrics(os.path.join(workdir, name, "tune"))
@@ -210,7 +211,7 @@ def _eval_curve(workdir: str, name: str, best: dict,
     rows += read_metrics(os.path.join(workdir, name, "seeds"))
     by_step: dict[int, list[float]] = {}
     for r in rows:
-        if "eval_loss" in r and int(r["step"]) % every == 0:
+        if "eval_loss" in r and (int(r["step"]) % every == 0 or int(r["step"]) == last):
             by_step.setdefault(int(r["step"]), []).append(float(r["eval_loss"]))
     return [(s, float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
             for s, v in sorted(by_step.items())]
@@ -291,7 +292,8 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
     # every tuned method's curve at its best lr: over its seeds once the seeds phase ran, the
     # tuning replica alone (std 0) before
     every = max(1, config.steps // config.evals)
-    curves = {n: _eval_curve(workdir, n, best_replica(tunes[n]), every) for n in tunes
+    curves = {n: _eval_curve(workdir, n, best_replica(tunes[n]), every, config.steps)
+              for n in tunes
               if best_replica(tunes[n]) is not None}
     orderings = _orderings(curves)
     stable_since = None
