@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -117,3 +120,24 @@ def test_orderings_per_evaluation():
     assert pretrain_table._orderings(curves) == [
         {"step": 10, "ordering": ["b", "a"]}, {"step": 20, "ordering": ["a", "b"]},
         {"step": 30, "ordering": ["a", "b"]}]
+
+
+def test_eval_curve_joins_the_tuning_replica_and_the_seeds(tmp_path):
+    def write(sub, rows):
+        os.makedirs(tmp_path / "m" / sub)
+        with open(tmp_path / "m" / sub / "metrics.jsonl", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+    write("tune", [{"step": 10, "replica": 0, "eval_loss": 9.0},
+                   {"step": 10, "replica": 1, "eval_loss": 3.0},
+                   {"step": 7, "replica": 1, "eval_loss": 5.0},     # an interrupted run's eval
+                   {"step": 20, "replica": 1, "eval_loss": 2.0},
+                   {"step": 20, "replica": 1, "loss": 2.5}])
+    write("seeds", [{"step": 10, "replica": 0, "eval_loss": 4.0},
+                    {"step": 10, "replica": 1, "eval_loss": 3.5},
+                    {"step": 20, "replica": 0, "eval_loss": 2.2},
+                    {"step": 20, "replica": 1, "eval_loss": 2.4}])
+    curve = pretrain_table._eval_curve(str(tmp_path), "m", {"replica": 1}, every=10, last=20)
+    assert [s for s, _, _ in curve] == [10, 20]
+    for (_, mean, std), values in zip(curve, ([3.0, 4.0, 3.5], [2.0, 2.2, 2.4])):
+        assert np.isclose(mean, np.mean(values)) and np.isclose(std, np.std(values, ddof=1))
