@@ -2,7 +2,11 @@
 (AdamW, GaLore, FRUGAL, Fira) and any lrx parameterization, through the shared training loop.
 
 The config schema is :func:`defaults`; config files start from it (``configs/adamw.py``,
-``configs/galore.py``, ...). Outputs in the workdir: ``checkpoints/``, ``metrics.jsonl``,
+``configs/galore.py``, ...). ``config.sweep`` (``--config.sweep.lr='(1e-3,3e-3,1e-2)'``,
+``--config.sweep.seeds=3``) trains the lr x seed grid as one vmapped program
+(:mod:`lrx.train.sweep`): ``metrics.jsonl`` rows carry each replica's ``peak_lr`` and ``seed``
+and ``summary.json`` a ``replicas`` list (its top-level eval loss is the best replica's).
+Outputs in the workdir: ``checkpoints/``, ``metrics.jsonl``,
 ``summary.json``, ``summary.md`` and ``loss.png``.
 """
 
@@ -115,6 +119,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.analysis = ml_collections.ConfigDict(dict(
         every=0, metrics=("effective_rank", "stable_rank", "top_r_energy"),
         targets=("grads", "params"), paths=PROJECT_ATTN_MLP, energy_rank=8))
+    # A sweep in one compiled program (lrx.train.sweep): replicas for every (lr, seed) of the grid
+    # sweep.lr x (seed, seed + 1, ..., seed + sweep.seeds - 1), trained as one vmapped step.
+    # sweep.lr=() (the default) is optimizer.learning_rate alone; a seed changes the model and
+    # parameterization init and the step's PRNG key (the data stream is data.seed, shared).
+    c.sweep = ml_collections.ConfigDict(dict(lr=(), seeds=1))
     return c
 
 
@@ -271,6 +280,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         check_mesh(c, jax.device_count())
     if c.train.per_layer:
         _check_per_layer(c)
+    _check_sweep(c)
     if c.param.method != "none":
         param_factory(c.param)  # raises ConfigError naming the valid methods / arguments
         if c.model.scan_layers:
@@ -337,6 +347,48 @@ def _check_per_layer(c: ml_collections.ConfigDict) -> None:
         check_separable(c.optimizer.name, c.optimizer.to_dict())
     except ValueError as e:
         raise ConfigError(f"train.per_layer=True: {e}") from None
+
+
+def sweep_grid(c: ml_collections.ConfigDict) -> list[dict] | None:
+    """The replicas of the config's sweep, ``[{'peak_lr': lr, 'seed': seed}, ...]`` (lr-major),
+    or None when the config is a single run (``sweep.lr=()`` and ``sweep.seeds=1``)."""
+    sweep = c.get("sweep", {})
+    lrs, seeds = tuple(sweep.get("lr", ())), int(sweep.get("seeds", 1))
+    if not lrs and seeds == 1:
+        return None
+    lrs = tuple(float(lr) for lr in lrs) or (float(c.optimizer.learning_rate),)
+    return [{"peak_lr": lr, "seed": int(c.seed) + i} for lr in lrs for i in range(seeds)]
+
+
+def _check_sweep(c: ml_collections.ConfigDict) -> None:
+    """``sweep.lr`` holds numbers > 0, ``sweep.seeds`` >= 1, and the run has no part a sweep
+    does not vmap (per-layer updates, spectral-analysis hooks)."""
+    lrs, seeds = c.sweep.lr, c.sweep.seeds
+    if not isinstance(lrs, (tuple, list)):
+        raise ConfigError(f"config.sweep.lr={lrs!r} must be a tuple of learning rates, e.g. "
+                          "--config.sweep.lr='(1e-3,3e-3,1e-2)' or sweep.lr=1e-3+3e-3")
+    for lr in lrs:
+        try:
+            value = float(lr)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config.sweep.lr: {lr!r} is not a number (sweep.lr={tuple(lrs)!r})"
+                              ) from None
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"config.sweep.lr: every learning rate must be a finite number "
+                              f"> 0, got {lr!r} in {tuple(lrs)!r}")
+    if len(set(float(x) for x in lrs)) != len(lrs):
+        raise ConfigError(f"config.sweep.lr={tuple(lrs)!r} repeats a learning rate")
+    if not isinstance(seeds, int) or isinstance(seeds, bool) or seeds < 1:
+        raise ConfigError(f"config.sweep.seeds={seeds!r} must be an integer >= 1 (the number of "
+                          "seeds per learning rate; 1 = config.seed alone)")
+    if sweep_grid(c) is None:
+        return
+    if c.train.per_layer:
+        raise ConfigError("config.sweep (lr or seeds) does not combine with train.per_layer=True "
+                          "(the per-layer step is not vmapped); drop one of them")
+    if c.analysis.every:
+        raise ConfigError("config.sweep (lr or seeds) does not combine with analysis.every > 0 "
+                          "(spectral hooks read one replica); set analysis.every=0")
 
 
 def _check_finite(c: ml_collections.ConfigDict) -> None:
@@ -498,21 +550,35 @@ def reset_adapter_moments(opt_state: Any, trainable: Any) -> Any:
     return jax.tree.map(reset, opt_state, is_leaf=params_shaped)
 
 
-def _relora_hook(p: ml_collections.ConfigDict, seed: int):
+def _relora_hook(p: ml_collections.ConfigDict, seed: int, replicas: list | None = None):
     """Every p.relora_every steps: merge LoRA adapters into the base, re-initialise them and zero
     the adapters' optimizer moments (:func:`reset_adapter_moments`; the dense leaves' moments and
-    the counters are kept, so schedules continue)."""
+    the counters are kept, so schedules continue). With ``replicas`` (a sweep) the restart is
+    vmapped over the replica-stacked state, each replica re-initialising from its own seed."""
     import jax
+    import jax.numpy as jnp
 
     import lrx.param
 
-    @jax.jit
-    def restart(state, step):
+    def restart_one(state, step, replica_seed):
         full = lrx.param.combine(state.params, state.frozen)
-        key = jax.random.fold_in(jax.random.key(seed + 1), step)
+        key = jax.random.fold_in(jax.random.key(replica_seed + 1), step)
         trainable, frozen = lrx.param.partition(lrx.param.merge_and_reinit(full, key))
         return state.replace(params=trainable, frozen=frozen,
                              opt_state=reset_adapter_moments(state.opt_state, trainable))
+
+    if replicas is None:
+        restart = jax.jit(lambda state, step: restart_one(state, step, seed))
+    else:
+        from lrx.train.sweep import replica_axes
+
+        seeds = jnp.asarray([r["seed"] for r in replicas], jnp.uint32)
+
+        @jax.jit
+        def restart(state, step):
+            axes = replica_axes(state)
+            return jax.vmap(restart_one, in_axes=(axes, None, 0), out_axes=axes)(state, step,
+                                                                                  seeds)
 
     def hook(step, state, batch):  # noqa: ARG001
         if step % p.relora_every:
@@ -603,6 +669,37 @@ class Setup:
     batch_fn: Callable                 # step -> training batch (B, L+1), pure in (seed, step)
     hooks: list                        # training-loop hooks (ReLoRA restarts, spectra logging)
     per_layer: Any = None              # lrx.train.per_layer.PerLayer (init, step) or None
+    # A sweep (config.sweep): one dict per replica ({'peak_lr', 'seed'}), its (params, frozen),
+    # its schedule; `optimizer` is then lrx.train.sweep.sweep_optimizer(optimizer_factory, ...)
+    # and params/frozen are those of config.seed. None for a single run.
+    replicas: list | None = None
+    replica_params: list | None = None
+    schedules: list | None = None
+    optimizer_factory: Callable | None = None
+
+    def initial_state(self) -> Any:
+        """The TrainState at step 0: replica-stacked (:func:`lrx.train.sweep.stack_states`) for
+        a sweep, each replica with its own init, seed and learning rate."""
+        from lrx.train import loop
+
+        if self.replicas is None:
+            return loop.create_state(
+                self.params, self.optimizer, seed=self.config.seed, frozen=self.frozen,
+                opt_state=self.per_layer.init(self.params) if self.per_layer else None)
+        from lrx.train import sweep
+
+        states = [loop.create_state(p, sweep.sweep_optimizer(self.optimizer_factory,
+                                                             r["peak_lr"]),
+                                    seed=r["seed"], frozen=f)
+                  for r, (p, f) in zip(self.replicas, self.replica_params)]
+        return sweep.stack_states(states)
+
+
+def _with_lr(o: ml_collections.ConfigDict, learning_rate: float) -> ml_collections.ConfigDict:
+    """A copy of optimizer section ``o`` with its peak learning rate replaced."""
+    out = ml_collections.ConfigDict(o.to_dict())
+    out.learning_rate = learning_rate
+    return out
 
 
 def make_schedule(o: ml_collections.ConfigDict, steps: int,
@@ -687,10 +784,14 @@ def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
     mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp)
     model, model_cfg = build_model(c, text.VOCAB_SIZE)
     seq_len, batch_size = c.data.seq_len, c.train.batch_size
-    init_key = jax.random.key(c.seed)
-    params = jax.jit(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"])(
-        init_key)
-    params, frozen = parameterize(params, c.param, jax.random.fold_in(init_key, 1))
+    init = jax.jit(lambda k: model.init(k, jnp.zeros((1, seq_len), jnp.int32))["params"])
+
+    def init_params(seed: int):
+        init_key = jax.random.key(seed)
+        return parameterize(init(init_key), c.param, jax.random.fold_in(init_key, 1))
+
+    params, frozen = init_params(c.seed)
+    replicas = sweep_grid(c)
 
     o = c.optimizer
     schedule = make_schedule(o, c.train.steps, c.param)
@@ -713,6 +814,24 @@ def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
     if c.param.method == "sora":  # SoRA's proximal step on the gates, after the optimizer
         optimizer = optax.chain(optimizer, lrx.param.sora_proximal(c.param.sora_threshold))
     loss_fn, eval_fn = loss_functions(model, c.param)
+    replica_params, schedules, factory = None, None, None
+    if replicas is not None:  # one optimizer whose peak lr lives in each replica's state
+        unit = make_schedule(_with_lr(o, 1.0), c.train.steps, c.param)
+
+        def factory(learning_rate):
+            opt = optimizer_transform(o, lambda t: learning_rate * unit(t), mask)
+            if c.param.method == "sora":
+                opt = optax.chain(opt, lrx.param.sora_proximal(c.param.sora_threshold))
+            return opt
+
+        from lrx.train import sweep as sweep_lib
+
+        optimizer = sweep_lib.sweep_optimizer(factory, replicas[0]["peak_lr"])
+        seeds = sorted({r["seed"] for r in replicas})
+        by_seed = {c.seed: (params, frozen)}
+        by_seed.update({seed: init_params(seed) for seed in seeds if seed != c.seed})
+        replica_params = [by_seed[r["seed"]] for r in replicas]
+        schedules = [lambda t, lr=r["peak_lr"]: lr * unit(t) for r in replicas]
 
     dp = sharding.data_parallel_size(mesh)
     eval_set = text.eval_windows(corpus.val, seq_len, c.train.eval_windows)
@@ -726,13 +845,14 @@ def build(config: ml_collections.ConfigDict, *, corpus: Any = None) -> Setup:
 
     hooks = []
     if c.param.relora_every:
-        hooks.append(_relora_hook(c.param, c.seed))
+        hooks.append(_relora_hook(c.param, c.seed, replicas))
     if c.analysis.every:
         hooks.append(_analysis_hook(c.analysis, loss_fn))
     return Setup(config=c, corpus=corpus, mesh=mesh, model=model, model_config=model_cfg,
                  params=params, frozen=frozen, schedule=schedule, optimizer=optimizer,
                  loss_fn=loss_fn, eval_fn=eval_fn, eval_batches=eval_batches, batch_fn=batch_fn,
-                 hooks=hooks, per_layer=per_layer)
+                 hooks=hooks, per_layer=per_layer, replicas=replicas,
+                 replica_params=replica_params, schedules=schedules, optimizer_factory=factory)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -745,8 +865,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     s = build(config)
     c, corpus, mesh, o = s.config, s.corpus, s.mesh, s.config.optimizer
     seq_len, batch_size = c.data.seq_len, c.train.batch_size
-    state = loop.create_state(s.params, s.optimizer, seed=c.seed, frozen=s.frozen,
-                              opt_state=s.per_layer.init(s.params) if s.per_layer else None)
+    state = s.initial_state()
     model_cfg, schedule, optimizer = s.model_config, s.schedule, s.optimizer
     loss_fn, eval_fn, eval_batches, batch_fn, hooks = (s.loss_fn, s.eval_fn, s.eval_batches,
                                                        s.batch_fn, s.hooks)
@@ -761,10 +880,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
             micro_batches=c.train.micro_batches, eval_fn=eval_fn, eval_batches=eval_batches,
             eval_every=c.train.eval_every, log_every=c.train.log_every,
             checkpoint_every=c.train.checkpoint_every,
-            keep_checkpoints=c.train.keep_checkpoints, learning_rate=schedule,
+            keep_checkpoints=c.train.keep_checkpoints,
+            learning_rate=schedule if s.replicas is None else s.schedules,
             tokens_per_step=batch_size * seq_len, stop_at=c.train.stop_at, hooks=hooks,
             stop_grace_seconds=c.train.stop_grace_seconds,
-            step_fn=s.per_layer.step if s.per_layer else None)
+            step_fn=s.per_layer.step if s.per_layer else None, replicas=s.replicas)
     except loop.CheckpointMismatch as e:
         raise ConfigError(str(e)) from None
     except loop.NonFiniteLoss as e:
@@ -775,8 +895,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     history = result["history"]
     final_eval = result["final_eval"]
-    eval_loss = final_eval.get("eval_loss", math.nan)
     memory = result["memory"]
+    k = len(s.replicas or [None])
+    replica_rows = None
+    if s.replicas is not None:
+        replica_rows = _replica_summaries(result, history)
+        live = [r for r in replica_rows if r["status"] == "done"]
+        best = min(live, key=lambda r: r["eval_loss"]) if live else replica_rows[0]
+        eval_loss, final_train = best["eval_loss"], best["final_train_loss"]
+    else:
+        eval_loss = final_eval.get("eval_loss", math.nan)
+        final_train = history[-1]["loss"] if history else math.nan
     summary = {
         "status": "done" if result["stopped_by"] == "end" else f"stopped by {result['stopped_by']}",
         "experiment": "lm",
@@ -785,14 +914,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "model": c.model.preset,
         "steps": int(result["state"].step),
         "resumed_from": result["resumed_from"],
-        "final_train_loss": history[-1]["loss"] if history else math.nan,
+        "final_train_loss": final_train,
         "eval_loss": eval_loss,
         "eval_bits_per_byte": eval_loss / math.log(2),
         "unigram_entropy_bits": info["unigram_entropy_bits"],
-        "trainable_params": memory["param_count"],
-        "frozen_params": memory["frozen_count"],
-        "param_bytes": memory["param_bytes"],
-        "opt_state_bytes": memory["opt_state_bytes"],
+        "trainable_params": memory["param_count"] // k,   # per replica
+        "frozen_params": memory["frozen_count"] // k,
+        "param_bytes": memory["param_bytes"] // k,
+        "opt_state_bytes": memory["opt_state_bytes"] // k,
         "train_step_memory": memory["train_step"],
         "compiled_peak_bytes": memory["train_step"].get("peak_estimate"),
         "device_peak_bytes": memory["device_peak_bytes"],
@@ -806,6 +935,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "model_config": dataclasses.asdict(model_cfg),
         "data": info,
     }
+    if replica_rows is not None:  # eval_loss above: the best replica that trained to the end
+        summary["replicas"] = replica_rows
+        summary["best_replica"] = best["replica"]
+        summary["tokens_per_s_note"] = "tokens of one replica per second (all replicas: x K)"
     if jax.process_index() == 0:
         common.write_summary(workdir, summary)
         _write_table(workdir, summary)
@@ -813,6 +946,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {k: summary[k] for k in ("status", "optimizer", "steps", "final_train_loss",
                                     "eval_loss", "eval_bits_per_byte", "unigram_entropy_bits",
                                     "opt_state_bytes", "tokens_per_s", "wall_seconds")}
+
+
+def _replica_summaries(result: dict, history: list[dict]) -> list[dict]:
+    """One summary row per replica of a sweep: its peak lr and seed, status ('done' or
+    'diverged'), final train loss (the last logged window), eval loss and bits/byte (at the
+    end; for a diverged replica, of its last good state)."""
+    rows = []
+    for i, (info, final) in enumerate(zip(result["replicas"], result["final_eval"] or
+                                          [{}] * len(result["replicas"]))):
+        train = [h for h in history if h.get("replica") == i]
+        eval_loss = final.get("eval_loss", math.nan)
+        diverged = info.get("diverged_at_step")
+        rows.append({"replica": i, "peak_lr": info["peak_lr"], "seed": info["seed"],
+                     "status": "done" if diverged is None else "diverged",
+                     "diverged_at_step": diverged,
+                     "final_train_loss": train[-1]["loss"] if train else math.nan,
+                     "eval_loss": eval_loss if diverged is None else math.nan,
+                     "eval_bits_per_byte": (eval_loss / math.log(2)) if diverged is None
+                     else math.nan})
+    return rows
 
 
 def _analysis_hook(a: ml_collections.ConfigDict, loss_fn):
@@ -849,19 +1002,35 @@ def _write_table(workdir: str, s: dict) -> None:
            "opt state (MB)": s["opt_state_bytes"] / 2**20,
            "compiled peak (MB)": (s["compiled_peak_bytes"] or 0) / 2**20,
            "tokens/s": s["tokens_per_s"], "wall (s)": s["wall_seconds"]}
-    common.write_table(workdir, "summary", [row], title=f"lm: {s['optimizer']} on "
+    rows = [row]
+    if s.get("replicas"):  # a sweep: one row per replica (the first row is the best replica)
+        rows = [row | {"replica": "best"}] + [
+            {"replica": r["replica"], "peak lr": r["peak_lr"], "seed": r["seed"],
+             "status": r["status"], "train loss": r["final_train_loss"],
+             "eval loss": r["eval_loss"], "eval bits/byte": r["eval_bits_per_byte"]}
+            for r in s["replicas"]]
+    common.write_table(workdir, "summary", rows, title=f"lm: {s['optimizer']} on "
                        f"{s['data']['corpus']}")
 
 
 def _plot(workdir: str, records: list[dict], s: dict) -> None:
     plt = common.pyplot()
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(6, 4))
-    if train:
-        ax.plot(*zip(*train), label="train")
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval (held-out plays)")
+    groups = sorted({r.get("replica") for r in records if "loss" in r or "eval_loss" in r},
+                    key=lambda g: -1 if g is None else g)
+    for g in groups:
+        tag = "" if g is None else next(
+            (f" lr {r['peak_lr']:g} seed {r['seed']}" for r in records
+             if r.get("replica") == g and "peak_lr" in r), f" replica {g}")
+        train = [(r["step"], r["loss"]) for r in records if "loss" in r
+                 and r.get("replica") == g]
+        evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r
+                 and r.get("replica") == g]
+        if train:
+            line, = ax.plot(*zip(*train), label="train" + tag)
+        if evals:
+            ax.plot(*zip(*evals), "o-", label="eval (held-out plays)" + tag,
+                    color=line.get_color() if train else None)
     ax.axhline(s["unigram_entropy_bits"] * math.log(2), color="gray", ls="--",
                label="unigram entropy")
     ax.set_xlabel("step")

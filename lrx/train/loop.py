@@ -198,11 +198,13 @@ class NonFiniteLoss(RuntimeError):
     """Raised at the first step whose loss (or, at a checkpoint, whose resulting state) is NaN or
     infinite; ``step`` is that step's index (0-based: the number of steps done before it)."""
 
-    def __init__(self, step: int, loss: float, *, what: str = "loss"):
+    def __init__(self, step: int, loss: float, *, what: str = "loss", replica: str = ""):
         value = f" {loss}" if what == "loss" else ""
-        super().__init__(f"non-finite {what}{value} at step {step}; stopped without checkpointing "
-                         "this state (the last good checkpoint is kept)")
+        where = f" of {replica}" if replica else ""
+        super().__init__(f"non-finite {what}{value} at step {step}{where}; stopped without "
+                         "checkpointing this state (the last good checkpoint is kept)")
         self.step = step
+        self.replica = replica
 
 
 def limit_blas_threads(threads: int = 1) -> list[dict]:
@@ -418,6 +420,7 @@ def train(
     blas_threads: int | None = 1,
     metrics_lag: int = 1,
     step_fn: Callable[[TrainState, PyTree], tuple[TrainState, dict]] | None = None,
+    replicas: Sequence[dict] | None = None,
 ) -> dict:
     """Trains ``state`` to ``total_steps`` and returns a results dict.
 
@@ -462,10 +465,21 @@ def train(
       step_fn: the ``(state, batch) -> (state, metrics)`` step to compile instead of
         ``make_step(loss_fn, optimizer, micro_batches=micro_batches)`` (e.g. the per-layer step
         of :func:`lrx.train.per_layer.make_per_layer_step`; metrics need ``'loss'``).
+      replicas: a sweep (:mod:`lrx.train.sweep`): ``state`` is replica-stacked
+        (:func:`lrx.train.sweep.stack_states`, K replicas), ``optimizer`` a
+        :func:`lrx.train.sweep.sweep_optimizer` and ``replicas`` one dict per replica describing
+        it (e.g. ``{"lr": 1e-3, "seed": 0}``), copied into its metrics rows. The step is
+        :func:`lrx.train.sweep.make_sweep_step` (unless ``step_fn``: then a vmapped step whose
+        metrics have shape ``(K,)``), evaluation is vmapped, ``metrics.jsonl`` gets one row per
+        replica (with its ``replica`` index), ``learning_rate`` is a sequence of K schedules,
+        and a replica that diverges is reported (a ``diverged_at_step`` row) while the others
+        continue; :class:`NonFiniteLoss` when every replica diverged.
     Returns:
       dict with the final ``state``, ``history`` (logged train metrics), ``eval_history``,
       ``memory`` (param/opt-state bytes, XLA memory analysis), throughput, ``stopped_by`` ('end',
-      'SIGTERM', 'SIGINT'), ``resumed_from``, ``broken_checkpoints`` (moved aside) and wall time.
+      'SIGTERM', 'SIGINT'), ``resumed_from``, ``broken_checkpoints`` (moved aside) and wall time;
+      with ``replicas``: ``final_eval`` and ``eval_history`` rows per replica and ``replicas``
+      (each replica's dict plus ``diverged_at_step``, None while it trained to the end).
     Raises:
       NonFiniteLoss: at the first step with a non-finite loss, or when the state to checkpoint
         holds a non-finite value.
@@ -476,6 +490,17 @@ def train(
         raise ValueError(f"micro_batches must be >= 1, got {micro_batches}")
     if metrics_lag < 0:
         raise ValueError(f"metrics_lag must be >= 0, got {metrics_lag}")
+    if replicas is not None:
+        from lrx.train.sweep import num_replicas
+
+        replicas = [dict(r) for r in replicas]
+        if len(replicas) != num_replicas(state):
+            raise ValueError(f"replicas describes {len(replicas)} replicas, the state holds "
+                             f"{num_replicas(state)}")
+        if learning_rate is not None and (callable(learning_rate)
+                                          or len(learning_rate) != len(replicas)):
+            raise ValueError("with replicas, learning_rate is a sequence of one schedule per "
+                             "replica (or None)")
     if blas_threads is not None:
         limit_blas_threads(blas_threads)
     with _StopSignals(stop_grace_seconds) as stop:
@@ -486,7 +511,7 @@ def train(
                       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
                       learning_rate=learning_rate, tokens_per_step=tokens_per_step, hooks=hooks,
                       progress=progress, tensorboard=tensorboard, stop_at=stop_at,
-                      metrics_lag=metrics_lag, step_fn=step_fn)
+                      metrics_lag=metrics_lag, step_fn=step_fn, replicas=replicas)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -598,18 +623,36 @@ class _Evaluator:
     """Means of ``eval_fn`` over the eval batches (put on the mesh once), logged with an
     ``eval_`` prefix."""
 
-    def __init__(self, eval_fn, eval_batches: Sequence[PyTree], mesh: Mesh):
+    def __init__(self, eval_fn, eval_batches: Sequence[PyTree], mesh: Mesh,
+                 replicas: Sequence[dict] | None = None, state: TrainState | None = None):
         self.enabled = eval_fn is not None and bool(eval_batches)
         self.history: list[dict] = []
-        self.last: dict = {}
+        self.last: dict | list[dict] = {}
+        self.replicas = replicas
         if not self.enabled:
             return
+        if replicas is not None:  # one vmapped evaluation of every replica's parameters
+            from lrx.train.sweep import replica_axes
+
+            axes = replica_axes(state)
+            eval_fn = jax.vmap(eval_fn, in_axes=(axes.params, axes.frozen, None))
         self.fn = jax.jit(eval_fn)
         self.batches = [jax.tree_util.tree_map(lambda x: shd.put_batch(
             np.asarray(x), shd.batch_sharding(mesh, np.ndim(x))), b) for b in eval_batches]
 
     def __call__(self, step: int, state: TrainState, writer: MetricWriter) -> None:
         results = [self.fn(state.params, state.frozen, b) for b in self.batches]
+        if self.replicas is not None:
+            means = {k: np.mean([np.asarray(r[k], np.float64) for r in results], axis=0)
+                     for k in results[0]}
+            self.last = []
+            for i, info in enumerate(self.replicas):
+                row = {"replica": i, **info, **{f"eval_{k}": float(v[i])
+                                                for k, v in means.items()}}
+                self.last.append(row)
+                writer.write(step, row)
+                self.history.append({"step": step, **row})
+            return
         self.last = {f"eval_{k}": float(np.mean([float(r[k]) for r in results]))
                      for k in results[0]}
         writer.write(step, self.last)
@@ -629,7 +672,10 @@ class _StepMetrics:
     """
 
     def __init__(self, *, lag: int, start: int, total_steps: int, log_every: int,
-                 tokens_per_step: int, learning_rate, writer: MetricWriter, bar):
+                 tokens_per_step: int, learning_rate, writer: MetricWriter, bar,
+                 replicas: Sequence[dict] | None = None, diverged: dict[int, int] | None = None):
+        self.replicas = replicas
+        self.diverged: dict[int, int] = dict(diverged or {})  # replica -> first bad step
         self.lag, self.start, self.total_steps = lag, start, total_steps
         self.log_every, self.tokens_per_step = log_every, tokens_per_step
         self.learning_rate, self.writer, self.bar = learning_rate, writer, bar
@@ -663,7 +709,10 @@ class _StepMetrics:
     def _read(self, index: int, device_metrics: dict, dispatched_at: float) -> None:
         metrics = self.fetch(device_metrics)
         now = time.perf_counter()
-        loss = float(metrics["loss"])
+        if self.replicas is not None:
+            loss = self._check_replicas(index, metrics)
+        else:
+            loss = float(metrics["loss"])
         if not math.isfinite(loss):
             self.pending.clear()
             raise NonFiniteLoss(index, loss)
@@ -672,8 +721,12 @@ class _StepMetrics:
         self.train_seconds += dt
         step = index + 1
         self.seen = step
-        self.window.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
-                           | {"step_time": dt})
+        if self.replicas is not None:
+            self.window.append({k: np.asarray(v, np.float64) for k, v in metrics.items()
+                                if np.ndim(v) == 1} | {"step_time": dt})
+        else:
+            self.window.append({k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
+                               | {"step_time": dt})
         if step % self.log_every == 0 or step == self.total_steps:
             self._log(step)
         if self.bar is not None:
@@ -681,7 +734,34 @@ class _StepMetrics:
             self.bar.set_postfix(loss=f"{loss:.3f}",
                                  tok_s=f"{self.tokens_per_step / max(dt, 1e-12):.0f}")
 
+    def _check_replicas(self, index: int, metrics: dict) -> float:
+        """Per-replica divergence: a replica whose loss is non-finite (or whose ``alive`` metric
+        is 0, :func:`lrx.train.sweep.make_sweep_step`) is recorded as diverged at this step and
+        logged; the others go on. Raises :class:`NonFiniteLoss` naming the replica when the step
+        cannot hold a diverged replica back (no ``alive`` metric) or when every replica diverged.
+        Returns the mean loss of the live replicas (for the progress bar)."""
+        loss = np.asarray(metrics["loss"], np.float64)
+        alive = np.asarray(metrics["alive"]) if "alive" in metrics else None
+        for i, info in enumerate(self.replicas):
+            if i in self.diverged or (math.isfinite(loss[i]) and (alive is None or alive[i] > 0)):
+                continue
+            name = f"replica {i} ({_describe(info)})"
+            if alive is None:
+                self.pending.clear()
+                raise NonFiniteLoss(index, float(loss[i]), replica=name)
+            self.diverged[i] = index
+            log.warning("%s diverged at step %d (loss %s): kept at its last good state with "
+                        "learning rate 0; the other replicas continue", name, index, loss[i])
+            self.writer.write(index, {"replica": i, **info, "diverged_at_step": index})
+        live = [i for i in range(len(self.replicas)) if i not in self.diverged]
+        if not live:
+            self.pending.clear()
+            raise NonFiniteLoss(index, float(loss[0]), replica="every replica")
+        return float(np.mean(loss[live]))
+
     def _log(self, step: int) -> None:
+        if self.replicas is not None:
+            return self._log_replicas(step)
         window, self.window = self.window, []
         record = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
         record["tokens_per_s"] = self.tokens_per_step / max(record["step_time"], 1e-12)
@@ -696,6 +776,37 @@ class _StepMetrics:
                      record["tokens_per_s"], _format_seconds(eta))
 
 
+    def _log_replicas(self, step: int) -> None:
+        """One record per live replica (its window means, tagged with its ``replica`` index and
+        description); ``tokens_per_s`` counts the tokens of every replica."""
+        window, self.window = self.window, []
+        step_time = float(np.mean([w["step_time"] for w in window]))
+        keys = [k for k in window[-1] if k != "step_time"]
+        means = {k: np.mean([w[k] for w in window if k in w], axis=0) for k in keys}
+        losses = []
+        for i, info in enumerate(self.replicas):
+            if i in self.diverged:
+                continue
+            record = {"replica": i, **info, **{k: float(v[i]) for k, v in means.items()},
+                      "step_time": step_time,
+                      "tokens_per_s": self.tokens_per_step * len(self.replicas)
+                      / max(step_time, 1e-12)}
+            if self.learning_rate is not None:
+                record["lr"] = float(self.learning_rate[i](step - 1))
+            self.writer.write(step, record)
+            self.history.append({"step": step, **record})
+            losses.append(f"{record['loss']:.4f}")
+        if self.bar is None and jax.process_index() == 0:
+            eta = (self.total_steps - step) * self.train_seconds / max(step - self.start, 1)
+            log.info("step %d/%d loss per replica [%s] eta %s", step, self.total_steps,
+                     ", ".join(losses), _format_seconds(eta))
+
+
+def _describe(info: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in info.items())
+
+
 def _progress_bar(progress: bool | None, total_steps: int, start: int):
     use_bar = sys.stderr.isatty() if progress is None else progress
     if not use_bar or jax.process_index() != 0:
@@ -708,7 +819,7 @@ def _progress_bar(progress: bool | None, total_steps: int, start: int):
 def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, total_steps, mesh,
            micro_batches, eval_fn, eval_batches, eval_every, log_every, checkpoint_every,
            keep_checkpoints, learning_rate, tokens_per_step, hooks, progress, tensorboard,
-           stop_at, metrics_lag, step_fn=None) -> dict:
+           stop_at, metrics_lag, step_fn=None, replicas=None) -> dict:
     abstract, shardings = _state_shardings(state, mesh)
     checkpoints = _Checkpoints(workdir, keep_checkpoints, stop)
     writer = MetricWriter(workdir, tensorboard=tensorboard)
@@ -720,10 +831,13 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
         checkpoints.close()
         writer.close()
         raise
+    diverged: dict[int, int] = {}
     if resumed_from is not None:
         state = restored
         writer.truncate_after(resumed_from)
         log.info("resumed from checkpoint at step %d", resumed_from)
+        diverged = {int(r["replica"]): int(r["diverged_at_step"]) for r in read_metrics(workdir)
+                    if "diverged_at_step" in r}
     else:
         state = jax.device_put(state, shardings)
     start = int(state.step)
@@ -731,13 +845,21 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
 
     put_batch = _batch_putter(mesh, micro_batches)
     batch = put_batch(batch_fn(start))
+    if replicas is not None and step_fn is None:
+        from lrx.train.sweep import make_sweep_step, replica_axes
+
+        step_fn = make_sweep_step(loss_fn, optimizer, replica_axes(state),
+                                  micro_batches=micro_batches)
     compiled, memory = _compile_step(loss_fn, optimizer, micro_batches, shardings, mesh, state,
                                      batch, step_fn)
-    evaluator = _Evaluator(eval_fn, eval_batches, mesh)
+    if replicas is not None:
+        memory["replicas"] = len(replicas)
+    evaluator = _Evaluator(eval_fn, eval_batches, mesh, replicas, state)
     bar = _progress_bar(progress, total_steps, start)
     metrics = _StepMetrics(lag=metrics_lag, start=start, total_steps=total_steps,
                            log_every=log_every, tokens_per_step=tokens_per_step,
-                           learning_rate=learning_rate, writer=writer, bar=bar)
+                           learning_rate=learning_rate, writer=writer, bar=bar,
+                           replicas=replicas, diverged=diverged)
     hook_history: list[dict] = []
     stopped_by = "end"
     step = start
@@ -804,4 +926,7 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
         "stopped_by": stopped_by,
         "resumed_from": resumed_from,
         "broken_checkpoints": broken,
+        "replicas": None if replicas is None else [
+            {**info, "diverged_at_step": metrics.diverged.get(i)}
+            for i, info in enumerate(replicas)],
     }
