@@ -258,8 +258,9 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
       update_proj_gap: T, refresh the projectors when ``count % T == 0``.
       stagger: refresh matrix ``j`` of ``J`` (every layer of a stack counted) at its own offset,
         when ``count % T == (j·T) // J`` (and at ``count == 0``), so no step pays every SVD.
-        Refreshes always run one matrix at a time (one cond per leaf, ``lax.map`` over a stack),
-        so the peak holds one matrix's decomposition workspace.
+        Refreshes always run one matrix at a time (one cond per leaf, a loop over a stack:
+        :func:`lrx.optim.engine.map_matrices`), so the peak holds one matrix's decomposition
+        workspace.
       scale: α, multiplies the back-projected update of projected leaves.
       proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (GaLore's side rule for the
         ``(m, n)`` matrix as given; 'reverse_std' minimises optimizer memory).
