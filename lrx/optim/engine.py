@@ -311,6 +311,17 @@ def update_per_matrix(strategy: Strategy, plan: Plan, g3: jax.Array, leaf: Any,
 
 # ----------------------------------------------------------------------------------- adam math
 
+def state_dtype(moment_dtype: Any, x: Any) -> Any:
+    """Storage dtype of the moments of leaf ``x``: ``moment_dtype`` when given, else (None) the
+    leaf's own floating dtype, as optax's Adam stores ``mu`` / ``nu`` like the parameters
+    (float32 parameters keep float32 moments; bf16 ones get bf16 moments); float32 for a leaf
+    without a floating dtype."""
+    if moment_dtype is not None:
+        return moment_dtype
+    dtype = getattr(x, "dtype", None)
+    return dtype if dtype is not None and jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
 def pow_(b: Any, k: jax.Array) -> jax.Array:
     """``b**k`` in float32 (``k`` an integer count, possibly ``(B, 1, 1)``)."""
     return jnp.power(jnp.asarray(b, jnp.float32), jnp.asarray(k).astype(jnp.float32))

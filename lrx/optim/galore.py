@@ -132,7 +132,8 @@ class Galore(engine.Strategy):
         return Plan("proj", layout, side, min(self.rank, layout.m, layout.n), name)
 
     def init_leaf(self, plan: Plan, x: jax.Array) -> GaloreLeaf:
-        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        zeros = lambda shape: jnp.zeros(  # noqa: E731
+            shape, engine.state_dtype(self.moment_dtype, x))
         own_adam = self.base_optimizer is None
         if plan.kind == "dense":
             return GaloreLeaf(None, zeros(x.shape) if own_adam else None,
@@ -276,7 +277,8 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
         of independent matrices). See :func:`lrx.optim.path_mask`.
       dimension_numbers: None, one :class:`lrx.optim.DimensionNumbers` for every projected leaf, or
         a pytree of them (None entries use the default layout).
-      projector_dtype / moment_dtype: storage dtypes (default float32 / float32).
+      projector_dtype / moment_dtype: storage dtypes (default float32 / None: the moments
+        in each parameter's own dtype, as optax; bf16 params get bf16 moments).
       seed: PRNG seed of random/randomized projectors (kept in the state).
 
     Returns:

@@ -213,3 +213,24 @@ def test_map_matrices_writes_each_slice_against_numpy():
     got = jax.jit(lambda x, acc: engine.map_matrices(fn1, x, acc, 3))(x, acc)
     np.testing.assert_allclose(np.asarray(got, np.float64), acc64 - x64[..., 0], rtol=1e-6,
                                atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "frugal", "apollo"])
+def test_moments_default_to_the_parameter_dtype(name):
+    # moment_dtype=None (the default): moments stored in each parameter's own dtype, as optax's
+    # Adam does (bf16 params -> bf16 mu/nu, float32 params -> float32); an explicit dtype wins.
+    make = {"galore": lambda **k: lo.galore(0.01, rank=2, **k),
+            "fira": lambda **k: lo.fira(0.01, rank=2, **k),
+            "frugal": lambda **k: lo.frugal(0.01, density=0.5, **k),
+            "apollo": lambda **k: lo.apollo(0.01, rank=2, **k)}[name]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        params = {"w": jnp.ones((8, 12), dtype), "b": jnp.ones((6,), dtype)}
+        for want, kw in ((dtype, {}), (jnp.float32, {"moment_dtype": jnp.float32})):
+            state = make(**kw).init(params)
+            inner = next(s for s in jax.tree_util.tree_leaves(
+                state, is_leaf=lambda s: hasattr(s, "mu") and hasattr(s, "nu"))
+                if hasattr(s, "mu"))
+            moments = [x for x in jax.tree_util.tree_leaves((inner.mu, inner.nu))]
+            assert len(moments) == 4, name                    # w and b, mu and nu
+            assert all(x.dtype == want for x in moments), (name, dtype, kw,
+                                                           [x.dtype for x in moments])
