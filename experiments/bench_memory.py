@@ -133,8 +133,8 @@ def build_optimizer(name: str, c: ml_collections.ConfigDict, model_name: str, pa
         return optax_galore(lr, rank=rank, update_proj_gap=gap, scale=0.25,
                             weight_dimension_numbers=dims)
     galore_kw = dict(rank=rank, update_proj_gap=gap, proj_type=c.proj_type, mask=mask)
-    if name == "galore":
-        return lo.galore(lr, **galore_kw)
+    if name == "galore":                 # float32 states (the default would follow the params)
+        return lo.galore(lr, moment_dtype=jnp.float32, **galore_kw)
     if name in ("galore_bf16", "galore_per_layer"):
         return lo.galore(lr, projector_dtype=bf16, moment_dtype=bf16, **galore_kw)
     if name == "galore_per_layer_8bit":

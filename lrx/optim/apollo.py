@@ -152,7 +152,8 @@ class Apollo(engine.Strategy):
                                 lay.m if plan.side == "left" else lay.n, plan.rank)
 
     def init_leaf(self, plan: Plan, x: jax.Array) -> ApolloLeaf:
-        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        zeros = lambda shape: jnp.zeros(  # noqa: E731
+            shape, engine.state_dtype(self.moment_dtype, x))
         if plan.kind == "dense":
             return ApolloLeaf(None, zeros(x.shape), zeros(x.shape), None)
         lay = plan.layout
@@ -220,7 +221,8 @@ def scale_by_apollo(rank: int = 256, *, scale_type: str = "channel", scale: floa
         ``disable_nl``); ``scale_front``: ``sqrt(scale)`` before the limiter.
       mask, dimension_numbers: which leaves are projected and their ``(B, m, n)`` layout, as in
         :func:`lrx.optim.scale_by_galore`.
-      moment_dtype: storage dtype of the moments (default float32).
+      moment_dtype: storage dtype of the moments (default None: each parameter's own dtype,
+        as optax; bf16 params get bf16 moments).
       seed: PRNG seed of the projections (kept in the state).
 
     Returns:

@@ -14,8 +14,8 @@ everything the methods share, once:
   steps), or with ``stagger=True`` matrix ``j`` of ``J`` (the layers of a stack counted one by
   one) at its own offset ``(j·T) // J`` (and at ``count == 0``), each in its own cond;
 * **per-matrix sequencing**: a refresh walks the matrices of a stack one at a time
-  (``lax.map``), and no leaf's refresh or update depends on another leaf, so XLA runs each as
-  soon as the backward pass has produced that leaf's gradient and frees its temporaries (the
+  (:func:`map_matrices`), and no leaf's refresh or update depends on another leaf, so XLA runs
+  each as soon as the backward pass has produced that leaf's gradient and frees its temporaries (the
   decomposition, Fira's residual) right after: the compiled peak of a train step holds one
   matrix's workspace at a time, not every gradient (a cond or an ``optimization_barrier`` chain
   across leaves would keep all gradients alive: 17.7 and 22.2 GiB instead of 10.65 GiB for the
@@ -243,38 +243,84 @@ def _one_matrix(plan: Plan) -> Plan:
                                                        lay.n))
 
 
+def map_matrices(fn: Callable[[Any, Any], Any], xs: Any, out: Any, batch: int,
+                 keepdims: bool = True, views: Any = True) -> Any:
+    """``out[i] = fn(xs[i], out[i])`` for ``i < batch``, one matrix at a time: the one loop over
+    the matrices of a stack that the update (:func:`update_per_matrix`) and the refresh
+    (:func:`_refresh_leaf`) share. Every array of the pytrees ``xs`` / ``out`` has the batch
+    axis first (None entries are skipped); ``fn`` maps one slice of each (the batch axis kept
+    as size 1 with ``keepdims``, dropped otherwise) to a pytree like ``out``'s slice, cast to
+    ``out``'s dtypes; a ``jax.ShapeDtypeStruct`` in ``out`` is a fresh output (starts as
+    zeros). Returns the written ``out`` (arrays).
+
+    A ``fori_loop`` whose carries ``(xs, out)`` go through ``optimization_barrier``, so XLA:CPU
+    hoists no float32 upcast of a whole 16-bit stack out of the loop (it would otherwise keep a
+    float32 copy of every bf16 stack read or written inside, plus LAPACK's column-major
+    transpose of it), and whose 16-bit outputs are written into uint16 views
+    (:func:`int_view`) where ``views`` (a bool, or a pytree of bools that is a prefix of
+    ``out``) says so; the float32 temporaries of ``fn`` are one matrix's. Views are not always a
+    gain: for the bf16 moments of GaLore's update they cost 0.7 GiB at llama_1b (measured:
+    10.89 vs 10.19 GiB), for the direction and the refreshed projector they are the pattern
+    that avoids the upcast copies."""
+    dtypes = jax.tree_util.tree_map(lambda x: x.dtype, out)
+    if isinstance(views, bool):
+        views = jax.tree_util.tree_map(lambda _: views, out)
+    else:
+        views = jax.tree_util.tree_map(
+            lambda v, sub: jax.tree_util.tree_map(lambda _: v, sub), views, out)
+    view = lambda x, v: int_view(x) if v else x  # noqa: E731
+    take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
+        lambda x: jax.lax.dynamic_index_in_dim(x, i, 0, keepdims=keepdims), tree)
+
+    def body(i, carry):
+        xs, out = jax.lax.optimization_barrier(carry)
+        old = jax.tree_util.tree_map(from_int_view, take(out, i), dtypes)
+        new = fn(take(xs, i), old)
+        out = jax.tree_util.tree_map(
+            lambda x, v, d, w: jax.lax.dynamic_update_index_in_dim(x, view(v.astype(d), w), i,
+                                                                   0),
+            out, new, dtypes, views)
+        return xs, out
+
+    def start(x, v):
+        if isinstance(x, jax.ShapeDtypeStruct):       # a fresh output: zeros, born viewed
+            return jnp.zeros(x.shape, int_view(jnp.zeros((), x.dtype)).dtype if v else x.dtype)
+        return view(x, v)
+
+    _, out = jax.lax.fori_loop(0, batch, body, (xs, jax.tree_util.tree_map(start, out, views)))
+    return jax.tree_util.tree_map(from_int_view, out, dtypes)
+
+
 def update_per_matrix(strategy: Strategy, plan: Plan, g3: jax.Array, leaf: Any,
                       count: jax.Array, key: jax.Array | None, dtype: Any
                       ) -> tuple[jax.Array, Any]:
     """:meth:`Strategy.update_leaf` of a stacked leaf (``g3 (B, m, n)``, every ``leaf`` array
-    ``(B, ...)``) one matrix at a time (a loop over ``B``), the direction cast to ``dtype``: the
-    float32 temporaries (projection, moments, back-projection) are one matrix's, not the
-    stack's. Same numbers as one call on the stack for a strategy with ``per_matrix_update``.
-
-    The stacks travel as loop carries through ``optimization_barrier`` (so no float32 upcast of
-    a whole stack is hoisted out of the loop) and the direction is written into a uint16 view
-    (:func:`int_view`), as in the per-layer step (:mod:`lrx.train.per_layer`)."""
+    ``(B, ...)``) one matrix at a time (:func:`map_matrices`), the direction cast to ``dtype``:
+    the float32 temporaries (projection, moments, back-projection) are one matrix's, not the
+    stack's. Same numbers as one call on the stack for a strategy with ``per_matrix_update``."""
     one = _one_matrix(plan)
-    take = lambda tree, i: jax.tree_util.tree_map(  # noqa: E731
-        lambda x: jax.lax.dynamic_index_in_dim(x, i, 0), tree)
-    put = lambda tree, value, i: jax.tree_util.tree_map(  # noqa: E731
-        lambda x, v: jax.lax.dynamic_update_index_in_dim(x, v.astype(x.dtype), i, 0),
-        tree, value)
 
-    def body(i, carry):
-        g3, leaf, u = jax.lax.optimization_barrier(carry)
-        g_i = take(g3, i)
-        u_i, new = strategy.update_leaf(one, g_i, g_i, take(leaf, i), count, key)
-        u = jax.lax.dynamic_update_index_in_dim(u, int_view(u_i.astype(dtype)), i, 0)
-        return g3, put(leaf, new, i), u
+    def fn(g_i, out_i):
+        u_i, new = strategy.update_leaf(one, g_i, g_i, out_i[1], count, key)
+        return u_i, new
 
-    u = jnp.zeros((plan.layout.batch, plan.layout.m, plan.layout.n),
-                  int_view(jnp.zeros((), dtype)).dtype)
-    _, leaf, u = jax.lax.fori_loop(0, plan.layout.batch, body, (g3, leaf, u))
-    return plan.layout.from3(from_int_view(u, dtype)), leaf
+    u = jax.ShapeDtypeStruct((plan.layout.batch, plan.layout.m, plan.layout.n), dtype)
+    u, leaf = map_matrices(fn, g3, (u, leaf), plan.layout.batch, views=(True, False))
+    return plan.layout.from3(u), leaf
 
 
 # ----------------------------------------------------------------------------------- adam math
+
+def state_dtype(moment_dtype: Any, x: Any) -> Any:
+    """Storage dtype of the moments of leaf ``x``: ``moment_dtype`` when given, else (None) the
+    leaf's own floating dtype, as optax's Adam stores ``mu`` / ``nu`` like the parameters
+    (float32 parameters keep float32 moments; bf16 ones get bf16 moments); float32 for a leaf
+    without a floating dtype."""
+    if moment_dtype is not None:
+        return moment_dtype
+    dtype = getattr(x, "dtype", None)
+    return dtype if dtype is not None and jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
 
 def pow_(b: Any, k: jax.Array) -> jax.Array:
     """``b**k`` in float32 (``k`` an integer count, possibly ``(B, 1, 1)``)."""
@@ -323,8 +369,12 @@ def _merge(leaf: Any, part: Any, fields: tuple[str, ...]) -> Any:
 
 def _refresh_leaf(strategy: Strategy, plan: Plan, g3: jax.Array, part: Any, key: jax.Array,
                   count: jax.Array, preds: jax.Array | None, read_old: bool) -> Any:
-    """Refresh the ``B`` matrices of one leaf one at a time (``lax.map``: one matrix's workspace
-    at a time, unbatched LAPACK calls). ``preds (B,)``: per-matrix predicates (stagger) or None."""
+    """Refresh the ``B`` matrices of one leaf one at a time (:func:`map_matrices`: one matrix's
+    workspace at a time, unbatched LAPACK calls, no float32 copy of the whole gradient stack).
+    ``preds (B,)``: per-matrix predicates (stagger) or None. With ``read_old`` the refreshed
+    fields are written over the old ones; without, the strategy sees ``projector=None`` and the
+    old projector is not read at all (passing it into the loop would keep it alive next to the
+    new one: +0.7 GiB at llama_1b, measured)."""
     keys = jax.random.split(key, plan.layout.batch)
     if not read_old:
         part = part._replace(projector=None)
@@ -338,10 +388,16 @@ def _refresh_leaf(strategy: Strategy, plan: Plan, g3: jax.Array, part: Any, key:
                             lambda p: p, part_b)
 
     args = (g3, part, keys, preds)
+    first = lambda t: jax.tree_util.tree_map(lambda x: x[0], t)  # noqa: E731
     if plan.layout.batch == 1:
-        out = one(jax.tree_util.tree_map(lambda x: x[0], args))
-        return jax.tree_util.tree_map(lambda x: x[None], out)
-    return jax.lax.map(one, args)
+        return jax.tree_util.tree_map(lambda x: x[None], one(first(args)))
+    if read_old:
+        return map_matrices(lambda a, old: one((a[0], old, a[1], a[2])), (g3, keys, preds),
+                            part, plan.layout.batch, keepdims=False)
+    out = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct((plan.layout.batch, *s.shape), s.dtype),
+        jax.eval_shape(one, first(args)))
+    return map_matrices(lambda a, _: one(a), args, out, plan.layout.batch, keepdims=False)
 
 
 # ------------------------------------------------------------------------------------ transform

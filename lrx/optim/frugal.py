@@ -173,7 +173,8 @@ class Frugal(engine.Strategy):
         return Plan("proj", layout, side, rank, name)
 
     def init_leaf(self, plan: Plan, x: jax.Array) -> FrugalLeaf:
-        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        zeros = lambda shape: jnp.zeros(  # noqa: E731
+            shape, engine.state_dtype(self.moment_dtype, x))
         lay = plan.layout
         if plan.kind == "dense":
             return FrugalLeaf(None, zeros(x.shape), zeros(x.shape), None, None)

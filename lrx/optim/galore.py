@@ -132,7 +132,8 @@ class Galore(engine.Strategy):
         return Plan("proj", layout, side, min(self.rank, layout.m, layout.n), name)
 
     def init_leaf(self, plan: Plan, x: jax.Array) -> GaloreLeaf:
-        zeros = lambda shape: jnp.zeros(shape, self.moment_dtype or jnp.float32)  # noqa: E731
+        zeros = lambda shape: jnp.zeros(  # noqa: E731
+            shape, engine.state_dtype(self.moment_dtype, x))
         own_adam = self.base_optimizer is None
         if plan.kind == "dense":
             return GaloreLeaf(None, zeros(x.shape) if own_adam else None,
@@ -258,8 +259,9 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
       update_proj_gap: T, refresh the projectors when ``count % T == 0``.
       stagger: refresh matrix ``j`` of ``J`` (every layer of a stack counted) at its own offset,
         when ``count % T == (j·T) // J`` (and at ``count == 0``), so no step pays every SVD.
-        Refreshes always run one matrix at a time (one cond per leaf, ``lax.map`` over a stack),
-        so the peak holds one matrix's decomposition workspace.
+        Refreshes always run one matrix at a time (one cond per leaf, a loop over a stack:
+        :func:`lrx.optim.engine.map_matrices`), so the peak holds one matrix's decomposition
+        workspace.
       scale: α, multiplies the back-projected update of projected leaves.
       proj_type: 'std' | 'reverse_std' | 'left' | 'right' | 'full' (GaLore's side rule for the
         ``(m, n)`` matrix as given; 'reverse_std' minimises optimizer memory).
@@ -275,7 +277,8 @@ def scale_by_galore(rank: int = 128, *, update_proj_gap: int = 200, stagger: boo
         of independent matrices). See :func:`lrx.optim.path_mask`.
       dimension_numbers: None, one :class:`lrx.optim.DimensionNumbers` for every projected leaf, or
         a pytree of them (None entries use the default layout).
-      projector_dtype / moment_dtype: storage dtypes (default float32 / float32).
+      projector_dtype / moment_dtype: storage dtypes (default float32 / None: the moments
+        in each parameter's own dtype, as optax; bf16 params get bf16 moments).
       seed: PRNG seed of random/randomized projectors (kept in the state).
 
     Returns:

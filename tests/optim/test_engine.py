@@ -177,3 +177,60 @@ def test_stacked_leaf_per_matrix_update_equals_separate_matrices(name, dtype):
                                        rtol=1e-5, atol=1e-6)
         stacked = optax.apply_updates(stacked, u_st)
         separate = optax.apply_updates(separate, u_se)
+
+
+def test_map_matrices_writes_each_slice_against_numpy():
+    # engine.map_matrices (the per-matrix loop of the refresh and the update): a bf16 input
+    # stack, a fresh bf16 output (uint16 view), an in-place float32 output (no view) read and
+    # rewritten, slices with and without the batch axis; checked against a float64 NumPy loop.
+    from lrx.optim import engine
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.bfloat16)
+    acc = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+    x64, acc64 = np.asarray(x, np.float64), np.asarray(acc, np.float64)
+    gram64 = np.einsum("bij,bkj->bik", x64, x64)
+    want_acc = acc64 + x64.sum(axis=-1)
+
+    def fn(x_i, out_i):
+        g, a = out_i
+        xf = x_i.astype(jnp.float32)
+        return xf @ xf.T, a + xf.sum(axis=-1)
+
+    run = jax.jit(lambda x, acc: engine.map_matrices(
+        fn, x, (jax.ShapeDtypeStruct((3, 4, 4), jnp.bfloat16), acc), 3, keepdims=False,
+        views=(True, False)))
+    gram, new_acc = run(x, acc)
+    assert gram.dtype == jnp.bfloat16 and new_acc.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(gram, np.float64), gram64, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(np.asarray(new_acc, np.float64), want_acc, rtol=1e-5, atol=1e-5)
+
+    # keepdims: fn sees (1, ...) slices
+    def fn1(x_i, out_i):
+        assert x_i.shape == (1, 4, 5) and out_i.shape == (1, 4)
+        return out_i - x_i.astype(jnp.float32)[..., 0]
+
+    got = jax.jit(lambda x, acc: engine.map_matrices(fn1, x, acc, 3))(x, acc)
+    np.testing.assert_allclose(np.asarray(got, np.float64), acc64 - x64[..., 0], rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["galore", "fira", "frugal", "apollo"])
+def test_moments_default_to_the_parameter_dtype(name):
+    # moment_dtype=None (the default): moments stored in each parameter's own dtype, as optax's
+    # Adam does (bf16 params -> bf16 mu/nu, float32 params -> float32); an explicit dtype wins.
+    make = {"galore": lambda **k: lo.galore(0.01, rank=2, **k),
+            "fira": lambda **k: lo.fira(0.01, rank=2, **k),
+            "frugal": lambda **k: lo.frugal(0.01, density=0.5, **k),
+            "apollo": lambda **k: lo.apollo(0.01, rank=2, **k)}[name]
+    for dtype in (jnp.bfloat16, jnp.float32):
+        params = {"w": jnp.ones((8, 12), dtype), "b": jnp.ones((6,), dtype)}
+        for want, kw in ((dtype, {}), (jnp.float32, {"moment_dtype": jnp.float32})):
+            state = make(**kw).init(params)
+            inner = next(s for s in jax.tree_util.tree_leaves(
+                state, is_leaf=lambda s: hasattr(s, "mu") and hasattr(s, "nu"))
+                if hasattr(s, "mu"))
+            moments = [x for x in jax.tree_util.tree_leaves((inner.mu, inner.nu))]
+            assert len(moments) == 4, name                    # w and b, mu and nu
+            assert all(x.dtype == want for x in moments), (name, dtype, kw,
+                                                           [x.dtype for x in moments])
