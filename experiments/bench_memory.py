@@ -160,37 +160,51 @@ def _memory(compiled) -> dict:
                 argument_bytes=int(m.argument_size_in_bytes))
 
 
-def measure(c: ml_collections.ConfigDict, model_name: str, name: str, *,
-            compile: bool = True) -> dict:
-    """One row: compile the train step of ``name`` for ``model_name`` from shapes
-    (``compile=False``: parameter and state bytes only)."""
+def model_shapes(c: ml_collections.ConfigDict, model_name: str, *, scan_layers: bool):
+    """The bench's LLaMA (bf16, remat, the config's vocabulary / sequence / layer overrides), its
+    parameter shapes (``jax.eval_shape``, nothing allocated) and its next-token loss
+    ``loss_fn(params, frozen, batch (B, T+1), rng) -> (loss, {})``."""
     import jax
     import jax.numpy as jnp
     import optax
 
     from lrx.models.llama import Llama, preset
-    from lrx.train import loop, per_layer
 
-    variant, state_dtype = ROWS[name]
     overrides = dict(vocab_size=c.vocab_size, dtype=c.dtype, param_dtype=c.dtype,
                      max_len=max(c.seq_len, preset(model_name).max_len),
-                     scan_layers=variant != "ordinary_unrolled", remat=True)
+                     scan_layers=scan_layers, remat=True)
     if c.num_layers:
         overrides["num_layers"] = c.num_layers
     cfg = preset(model_name, **overrides)
     model = Llama(cfg)
     params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"],
                             jax.random.key(0))
+
+    def loss_fn(p, fz, b, rng):  # noqa: ARG001
+        logits = model.apply({"params": p}, b[:, :-1])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean(), {}
+
+    return cfg, model, params, loss_fn
+
+
+def measure(c: ml_collections.ConfigDict, model_name: str, name: str, *,
+            compile: bool = True) -> dict:
+    """One row: compile the train step of ``name`` for ``model_name`` from shapes
+    (``compile=False``: parameter and state bytes only)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lrx.train import loop, per_layer
+
+    variant, state_dtype = ROWS[name]
+    cfg, model, params, loss_fn = model_shapes(c, model_name,
+                                               scan_layers=variant != "ordinary_unrolled")
     opt = build_optimizer(name, c, model_name, params)
     batch = jax.ShapeDtypeStruct((1, c.batch_size, c.seq_len + 1), jnp.int32)
     if variant == "per_layer":
         pl = per_layer.make_per_layer_step(*per_layer.llama_pieces(cfg), opt)
         init, step = pl.init, pl.step
     else:
-        def loss_fn(p, fz, b, rng):  # noqa: ARG001
-            logits = model.apply({"params": p}, b[:, :-1])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean(), {}
-
         init, step = opt.init, loop.make_step(loss_fn, opt)
     state = jax.eval_shape(lambda p: loop.TrainState(
         step=jnp.zeros((), jnp.int32), params=p, frozen={}, opt_state=init(p),
@@ -335,29 +349,15 @@ def measure_fsdp(c: ml_collections.ConfigDict, model_name: str, name: str) -> di
     (:func:`run` starts a child process with ``XLA_FLAGS`` when there are fewer)."""
     import jax
     import jax.numpy as jnp
-    import optax
     from jax.sharding import NamedSharding, PartitionSpec
 
     import lrx.optim as lo
-    from lrx.models.llama import Llama, preset
     from lrx.train import loop
     from lrx.train import sharding as shd
 
     mesh = shd.make_mesh(data=1, fsdp=c.fsdp_devices, devices=jax.devices()[:c.fsdp_devices])
-    overrides = dict(vocab_size=c.vocab_size, dtype=c.dtype, param_dtype=c.dtype,
-                     max_len=max(c.seq_len, preset(model_name).max_len), scan_layers=True,
-                     remat=True)
-    if c.num_layers:
-        overrides["num_layers"] = c.num_layers
-    cfg = preset(model_name, **overrides)
-    model = Llama(cfg)
-    params = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 8), jnp.int32))["params"],
-                            jax.random.key(0))
+    cfg, model, params, loss_fn = model_shapes(c, model_name, scan_layers=True)
     opt = build_fsdp_optimizer(name, c, model_name)
-
-    def loss_fn(p, fz, b, rng):  # noqa: ARG001
-        logits = model.apply({"params": p}, b[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b[:, 1:]).mean(), {}
 
     state = jax.eval_shape(lambda p: loop.TrainState(
         step=jnp.zeros((), jnp.int32), params=p, frozen={}, opt_state=opt.init(p),
