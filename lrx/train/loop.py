@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lrx.optim.subspace import tree_bytes
 from lrx.param import count_params
 from lrx.train import sharding as shd
+from lrx.train.sweep import make_sweep_step, num_replicas, replica_axes
 
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
@@ -491,8 +492,6 @@ def train(
     if metrics_lag < 0:
         raise ValueError(f"metrics_lag must be >= 0, got {metrics_lag}")
     if replicas is not None:
-        from lrx.train.sweep import num_replicas
-
         replicas = [dict(r) for r in replicas]
         if len(replicas) != num_replicas(state):
             raise ValueError(f"replicas describes {len(replicas)} replicas, the state holds "
@@ -632,8 +631,6 @@ class _Evaluator:
         if not self.enabled:
             return
         if replicas is not None:  # one vmapped evaluation of every replica's parameters
-            from lrx.train.sweep import replica_axes
-
             axes = replica_axes(state)
             eval_fn = jax.vmap(eval_fn, in_axes=(axes.params, axes.frozen, None))
         self.fn = jax.jit(eval_fn)
@@ -846,8 +843,6 @@ def _train(stop: _StopSignals, *, workdir, state, loss_fn, optimizer, batch_fn, 
     put_batch = _batch_putter(mesh, micro_batches)
     batch = put_batch(batch_fn(start))
     if replicas is not None and step_fn is None:
-        from lrx.train.sweep import make_sweep_step, replica_axes
-
         step_fn = make_sweep_step(loss_fn, optimizer, replica_axes(state),
                                   micro_batches=micro_batches)
     compiled, memory = _compile_step(loss_fn, optimizer, micro_batches, shardings, mesh, state,
