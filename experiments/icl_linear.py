@@ -52,6 +52,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.experiment = "icl_linear"
     c.study = "fig1"
     c.seed = 0
+    c.seeds = 1
     c.data = ml_collections.ConfigDict(dict(dim=4, num_pairs=8, noise_std=0.0, weight_std=1.0))
     c.model = ml_collections.ConfigDict(dict(num_layers=3, hidden_size=64, num_heads=4,
                                              mlp_ratio=4))
@@ -95,6 +96,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the key and the valid choices for any bad value."""
     common.check_keys(config, defaults())
     common.check_choice(config.study, STUDIES, "study")
+    if not isinstance(config.seeds, int) or config.seeds < 1:
+        raise ConfigError(f"config.seeds={config.seeds!r} must be an int >= 1 (the number of "
+                          "seeds trained as one vmapped program per model).")
+    if config.seeds > 1 and config.study == "fig1":
+        raise ConfigError("config.seeds > 1 applies to the noise, depth and lowrank studies "
+                          "(config arguments noise, depth, lowrank); fig1 trains one model.")
     d, m, t, e = config.data, config.model, config.train, config.eval
     for key in ("dim", "num_pairs"):
         if not isinstance(d[key], int) or d[key] < 1:
@@ -197,36 +204,50 @@ def _galore_transform(config, rank: int):
     return make
 
 
-def train_model(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("dense", 0)):
-    """Trains the GPT on fresh prompts; returns ``(apply_fn, params, info)``; ``apply_fn(params,
-    tokens) -> (B, T)`` takes the full (combined) parameters."""
+def _seed_key(key, s: int):
+    import jax
+
+    # seed 0 keeps the keys of single-seed runs; seed s > 0 folds s in
+    return key if s == 0 else jax.random.fold_in(key, s)
+
+
+def train_models(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("dense", 0),
+                 seeds: int = 1):
+    """Trains ``seeds`` replicas of the GPT on fresh prompts as one vmapped program
+    (:func:`lrx.train.scan.fit_replicas`); seed ``s`` changes the initialisation (the frozen
+    random base of LoRA included) and the training prompts. Returns ``(apply_fn, [params_s],
+    [info_s])``; ``apply_fn(params, tokens) -> (B, T)`` takes the full (combined) parameters."""
     import jax
     import jax.numpy as jnp
 
     from lrx import param as lrx_param
     from lrx.data import icl as icl_data
     from lrx.models import gpt
-    from lrx.train.scan import fit
+    from lrx.train.scan import fit_replicas
 
     d, n = data_cfg.dim, data_cfg.num_pairs
     model = gpt.GPT(model_cfg.num_layers, model_cfg.hidden_size, model_cfg.num_heads,
                     max_len=2 * n, mlp_ratio=model_cfg.mlp_ratio)
-    k_init, k_data, k_param = jax.random.split(key, 3)
-    params = model.init(k_init, jnp.zeros((1, 2 * n - 1, d + 1)))["params"]
     method, rank = variant
     inner = None
-    if method in ("lowrank", "lora"):
-        alpha = config.lowrank.lora_alpha or None
-        factory = lrx_param.lowrank(rank) if method == "lowrank" else lrx_param.lora(rank, alpha)
-        params = lrx_param.apply(params, [(config.lowrank.target, factory)], k_param)
-    elif method == "galore":
+    if method == "galore":
         inner = _galore_transform(config, rank)
         if inner is None:
             raise RuntimeError("lrx.optim.galore is not available")
-    trainable, frozen = lrx_param.partition(params)
-
-    def full(p):
-        return lrx_param.combine(p, frozen)
+    trainables, frozens, data_keys = [], [], []
+    for s in range(seeds):
+        k_init, k_data, k_param = jax.random.split(_seed_key(key, s), 3)
+        params = model.init(k_init, jnp.zeros((1, 2 * n - 1, d + 1)))["params"]
+        if method in ("lowrank", "lora"):
+            alpha = config.lowrank.lora_alpha or None
+            factory = (lrx_param.lowrank(rank) if method == "lowrank"
+                       else lrx_param.lora(rank, alpha))
+            params = lrx_param.apply(params, [(config.lowrank.target, factory)], k_param)
+        trainable, frozen = lrx_param.partition(params)
+        trainables.append(trainable)
+        frozens.append(frozen)
+        data_keys.append(k_data)
+    stack = lambda trees: jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *trees)  # noqa
 
     def apply_fn(p, tokens):
         return model.apply({"params": p}, tokens)
@@ -236,24 +257,57 @@ def train_model(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("d
                             weight_std=data_cfg.weight_std)
         return icl_data.interleave(p.x, p.y), p.y
 
-    def loss_fn(p, batch):
+    def loss_fn(p, batch, frozen):
         tokens, y = batch
-        return jnp.mean((apply_fn(full(p), tokens)[:, ::2] - y) ** 2)
+        return jnp.mean((apply_fn(lrx_param.combine(p, frozen), tokens)[:, ::2] - y) ** 2)
 
     steps = config.train.steps
     start = time.time()
-    trainable, history = fit(loss_fn, trainable, _optimizer(config.train, steps, inner), batch_fn,
-                             steps, key=k_data, log_every=min(config.train.log_every, steps),
-                             callback=lambda s, v: log.info("step %d loss %.5f", s, v))
-    params = full(trainable)
-    counts = lrx_param.count(params) if hasattr(lrx_param, "count") else {}
-    info = dict(train_seconds=time.time() - start,
-                final_loss=float(history["loss"][-1]),
-                loss_history=[float(v) for v in history["loss"]],
-                loss_steps=[int(s) for s in history["step"]],
-                num_params=lrx_param.count_params(trainable),
-                param_counts={k: int(v) for k, v in counts.items()} if counts else {})
-    return apply_fn, params, info
+    trained, history = fit_replicas(
+        loss_fn, stack(trainables), _optimizer(config.train, steps, inner), batch_fn, steps,
+        keys=jnp.stack(data_keys), constants=stack(frozens),
+        log_every=min(config.train.log_every, steps),
+        callback=lambda s, v: log.info("step %d loss %s", s,
+                                       " ".join(f"{float(x):.5f}" for x in v)))
+    seconds = time.time() - start
+    all_params, infos = [], []
+    for s in range(seeds):
+        trainable = jax.tree_util.tree_map(lambda x, s=s: x[s], trained)
+        params = lrx_param.combine(trainable, frozens[s])
+        counts = lrx_param.count(params) if hasattr(lrx_param, "count") else {}
+        all_params.append(params)
+        infos.append(dict(seed=config.seed + s, train_seconds=seconds / seeds,
+                          final_loss=float(history["loss"][-1, s]),
+                          loss_history=[float(v) for v in history["loss"][:, s]],
+                          loss_steps=[int(t) for t in history["step"]],
+                          num_params=lrx_param.count_params(trainable),
+                          param_counts={k: int(v) for k, v in counts.items()} if counts else {}))
+    return apply_fn, all_params, infos
+
+
+def train_model(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("dense", 0)):
+    """One seed of :func:`train_models`: ``(apply_fn, params, info)``."""
+    apply_fn, params, infos = train_models(config, model_cfg, data_cfg, key, variant, 1)
+    return apply_fn, params[0], infos[0]
+
+
+def mean_rows(per_seed: list[dict]) -> dict:
+    """One row from the same row of every seed: float fields become their mean, with the sample
+    std as ``<key>_std`` when there are several seeds; other fields are kept from the first."""
+    import numpy as np
+
+    row = {}
+    for key, value in per_seed[0].items():
+        if isinstance(value, float):
+            vals = [r[key] for r in per_seed]
+            row[key] = float(np.mean(vals))
+            if len(per_seed) > 1:
+                row[key + "_std"] = float(np.std(vals, ddof=1))
+        else:
+            row[key] = value
+    if len(per_seed) > 1:
+        row["seeds"] = len(per_seed)
+    return row
 
 
 def reference_names(eval_cfg, data_cfg) -> list[str]:
@@ -541,31 +595,47 @@ def _fig1(config, workdir, key) -> dict:
 
 def _noise(config, workdir, key) -> dict:
     import jax
+    import numpy as np
 
     from lrx.analysis import icl as metrics
 
     lambdas = [float(v) for v in config.sweep.noise_lambdas]
-    rows, curves, runs = [], {}, {}
+    rows, curves, runs, per_seed = [], {}, {}, []
     for i, (sigma, tau) in enumerate(config.sweep.noise):
         data = ml_collections.ConfigDict(config.data.to_dict())
         data.noise_std, data.weight_std = float(sigma), float(tau)
         k_train, k_eval = jax.random.split(jax.random.fold_in(key, i))
-        apply_fn, params, info = train_model(config, config.model, data, k_train)
-        res = evaluate(apply_fn, params, data, config.eval, k_eval, extra_lambdas=lambdas)
+        apply_fn, params, infos = train_models(config, config.model, data, k_train,
+                                               seeds=config.seeds)
         label = f"sigma={sigma:g},tau={tau:g}"
-        runs[label] = info
-        row = {"sigma": float(sigma), "tau": float(tau), "bayes_lambda": sigma**2 / tau**2}
-        d = data.dim
-        for lam in lambdas:
-            name = "ols" if lam == 0 else f"ridge({lam:g})"
-            row[f"mspd[{lam:.3g}]"] = float(metrics.underdetermined_mspd(res["spd"][name], d))
-        best = min(lambdas, key=lambda lam: row[f"mspd[{lam:.3g}]"])
+        seed_rows, seed_curves = [], []
+        for s, (p, info) in enumerate(zip(params, infos, strict=True)):
+            res = evaluate(apply_fn, p, data, config.eval, k_eval, extra_lambdas=lambdas)
+            runs[label if s == 0 else f"{label},seed={info['seed']}"] = info
+            row = {"sigma": float(sigma), "tau": float(tau), "bayes_lambda": sigma**2 / tau**2}
+            for lam in lambdas:
+                name = "ols" if lam == 0 else f"ridge({lam:g})"
+                row[f"mspd[{lam:.3g}]"] = float(metrics.underdetermined_mspd(res["spd"][name],
+                                                                             data.dim))
+            row["best_lambda"] = min(lambdas, key=lambda lam: row[f"mspd[{lam:.3g}]"])
+            seed_rows.append(row)
+            seed_curves.append(res["spd"])
+            per_seed.append({"seed": info["seed"], **row})
+        row = mean_rows(seed_rows)
+        best = min(lambdas, key=lambda lam: row[f"mspd[{lam:.3g}]"])  # of the seed-mean MSPD
         row["best_lambda"] = best
         row["best_is_bayes"] = bool(abs(best - row["bayes_lambda"]) < 1e-9)
+        row["seeds_best_is_bayes"] = sum(abs(r["best_lambda"] - r["bayes_lambda"]) < 1e-9
+                                         for r in seed_rows)
         rows.append(row)
-        curves[label] = {k: v.tolist() for k, v in res["spd"].items()}
-    common.write_table(workdir, "noise", rows,
-                       title="MSPD (k < d) between the model and ridge(lambda) per (sigma, tau)")
+        curves[label] = {k: np.mean([c[k] for c in seed_curves], axis=0).tolist()
+                         for k in seed_curves[0]}
+    cols = (["sigma", "tau", "bayes_lambda"] + [f"mspd[{lam:.3g}]" for lam in lambdas]
+            + ["best_lambda", "best_is_bayes"]
+            + (["seeds_best_is_bayes", "seeds"] if config.seeds > 1 else []))
+    common.write_table(workdir, "noise", rows, cols,
+                       title="MSPD (k < d) between the model and ridge(lambda) per (sigma, tau)"
+                             f" (mean over {config.seeds} seed(s))")
     plt = common.pyplot()
     import numpy as np
 
@@ -582,7 +652,7 @@ def _noise(config, workdir, key) -> dict:
     common.savefig(fig, workdir, "noise_mspd")
     _plot_loss(workdir, runs)
     return dict(study="noise", rows=rows, spd_per_k=curves,
-                all_best_is_bayes=all(r["best_is_bayes"] for r in rows),
+                all_best_is_bayes=all(r["best_is_bayes"] for r in rows), per_seed=per_seed,
                 train={k: {kk: vv for kk, vv in v.items() if kk != "loss_history"}
                        for k, v in runs.items()})
 
@@ -592,28 +662,34 @@ def _depth(config, workdir, key) -> dict:
 
     from lrx.analysis import icl as metrics
 
-    rows, runs = [], {}
+    rows, runs, per_seed = [], {}, []
     d = config.data.dim
+    names = reference_names(config.eval, config.data)
     for i, depth in enumerate(config.sweep.depths):
         model = ml_collections.ConfigDict(config.model.to_dict())
         model.num_layers = int(depth)
         k_train, k_eval = jax.random.split(jax.random.fold_in(key, i))
-        apply_fn, params, info = train_model(config, model, config.data, k_train)
-        res = evaluate(apply_fn, params, config.data, config.eval, k_eval)
-        runs[f"L={depth}"] = info
-        row = {"layers": int(depth), "params": info["num_params"],
-               "model_error": float(res["error"]["model"][1:].mean())}
-        for name in reference_names(config.eval, config.data):
-            row[f"mspd[{name}]"] = float(metrics.underdetermined_mspd(res["spd"][name], d))
-            row[f"spd[{name}]"] = float(metrics.mspd(res["spd"][name], 1))
-        row["closest_mspd"] = min(reference_names(config.eval, config.data),
-                                  key=lambda nm: row[f"mspd[{nm}]"])
-        row["closest_spd"] = min(reference_names(config.eval, config.data),
-                                 key=lambda nm: row[f"spd[{nm}]"])
+        apply_fn, params, infos = train_models(config, model, config.data, k_train,
+                                               seeds=config.seeds)
+        seed_rows = []
+        for s, (p, info) in enumerate(zip(params, infos, strict=True)):
+            res = evaluate(apply_fn, p, config.data, config.eval, k_eval)
+            runs[f"L={depth}" if s == 0 else f"L={depth},seed={info['seed']}"] = info
+            row = {"layers": int(depth), "params": info["num_params"],
+                   "model_error": float(res["error"]["model"][1:].mean())}
+            for name in names:
+                row[f"mspd[{name}]"] = float(metrics.underdetermined_mspd(res["spd"][name], d))
+                row[f"spd[{name}]"] = float(metrics.mspd(res["spd"][name], 1))
+            seed_rows.append(row)
+            per_seed.append({"seed": info["seed"], **row})
+        row = mean_rows(seed_rows)
+        row["closest_mspd"] = min(names, key=lambda nm: row[f"mspd[{nm}]"])
+        row["closest_spd"] = min(names, key=lambda nm: row[f"spd[{nm}]"])
         rows.append(row)
     shown = ["gd1", *[f"ridge({lam:g})" for lam in config.eval.ridge_lambdas], "ols"]
-    cols = ["layers", "params", "model_error"] + [f"mspd[{nm}]" for nm in shown] + [
-        "closest_mspd", "closest_spd"]
+    std = [f"mspd[{nm}]_std" for nm in shown] if config.seeds > 1 else []
+    cols = ["layers", "params", "model_error"] + [f"mspd[{nm}]" for nm in shown] + std + [
+        "closest_mspd", "closest_spd"] + (["seeds"] if config.seeds > 1 else [])
     common.write_table(workdir, "depth", rows, cols,
                        title="Depth sweep: MSPD (k < d) of the model to each reference")
     plt = common.pyplot()
@@ -628,7 +704,7 @@ def _depth(config, workdir, key) -> dict:
     ax.legend(fontsize=7)
     common.savefig(fig, workdir, "depth_mspd")
     _plot_loss(workdir, runs)
-    return dict(study="depth", rows=rows,
+    return dict(study="depth", rows=rows, per_seed=per_seed,
                 train={k: {kk: vv for kk, vv in v.items() if kk != "loss_history"}
                        for k, v in runs.items()})
 
@@ -641,40 +717,55 @@ def _lowrank(config, workdir, key) -> dict:
     rows, runs, skipped = [], {}, []
     d = config.data.dim
     k_train, k_eval = jax.random.split(key)
+    per_seed = []
     for text in config.sweep.lowrank:
         variant = _parse_variant(text)
         if variant[0] == "galore" and _galore_transform(config, 1) is None:
             skipped.append(dict(variant=text, reason="lrx.optim.galore is not available"))
             continue
         # Same data and evaluation keys for every variant: only the constraint differs.
-        apply_fn, params, info = train_model(config, config.model, config.data, k_train, variant)
-        res = evaluate(apply_fn, params, config.data, config.eval, k_eval)
-        runs[text] = info
-        knn = f"knn{config.eval.knn_neighbors}_uniform"
-        row = {"variant": text, "method": variant[0], "rank": variant[1],
-               "trainable": info["num_params"], "final_loss": info["final_loss"],
-               "model_error": float(res["error"]["model"][1:].mean()),
-               "spd_ols": float(metrics.mspd(res["spd"]["ols"], 1)),
-               "spd_gd1": float(metrics.mspd(res["spd"]["gd1"], 1)),
-               "spd_knn3": float(metrics.mspd(res["spd"][knn], 1)),
-               "ilwd_ols": float(res["ilwd"]["ols"][1:].mean()),
-               "mspd_ols": float(metrics.underdetermined_mspd(res["spd"]["ols"], d)),
-               "r2_mean": float(res["r2"][1:].mean())}
+        apply_fn, params, infos = train_models(config, config.model, config.data, k_train,
+                                               variant, seeds=config.seeds)
+        seed_rows = []
+        for s, (p, info) in enumerate(zip(params, infos, strict=True)):
+            res = evaluate(apply_fn, p, config.data, config.eval, k_eval)
+            runs[text if s == 0 else f"{text},seed={info['seed']}"] = info
+            knn = f"knn{config.eval.knn_neighbors}_uniform"
+            row = {"variant": text, "method": variant[0], "rank": variant[1],
+                   "trainable": info["num_params"], "final_loss": info["final_loss"],
+                   "model_error": float(res["error"]["model"][1:].mean()),
+                   "spd_ols": float(metrics.mspd(res["spd"]["ols"], 1)),
+                   "spd_gd1": float(metrics.mspd(res["spd"]["gd1"], 1)),
+                   "spd_knn3": float(metrics.mspd(res["spd"][knn], 1)),
+                   "ilwd_ols": float(res["ilwd"]["ols"][1:].mean()),
+                   "mspd_ols": float(metrics.underdetermined_mspd(res["spd"]["ols"], d)),
+                   "r2_mean": float(res["r2"][1:].mean())}
+            row["closest"] = min(("ols", "gd1", "knn3"), key=lambda nm: row[f"spd_{nm}"])
+            seed_rows.append(row)
+            per_seed.append({"seed": info["seed"], **row})
+        row = mean_rows(seed_rows)
         row["closest"] = min(("ols", "gd1", "knn3"), key=lambda nm: row[f"spd_{nm}"])
+        row["seeds_closest"] = "/".join(r["closest"] for r in seed_rows)
         rows.append(row)
     if rows:
-        common.write_table(workdir, "lowrank", rows,
-                           title="Low-rank constraints: SPD of the model to OLS / GD / 3-NN")
+        cols = None
+        if config.seeds > 1:
+            cols = ["variant", "trainable", "final_loss", "model_error", "model_error_std",
+                    "spd_ols", "spd_ols_std", "spd_gd1", "spd_gd1_std", "spd_knn3",
+                    "spd_knn3_std", "closest", "seeds_closest", "seeds"]
+        common.write_table(workdir, "lowrank", rows, cols,
+                           title="Low-rank constraints: SPD of the model to OLS / GD / 3-NN "
+                                 f"(mean over {config.seeds} seed(s))")
         plt = common.pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         dense = [r for r in rows if r["method"] == "dense"]
         for method in ("galore", "lowrank", "lora"):
             sel = sorted((r for r in rows if r["method"] == method), key=lambda r: r["rank"])
             if sel:
-                axes[0].plot([r["rank"] for r in sel], [r["spd_ols"] for r in sel], marker="o",
-                             label=method)
-                axes[1].plot([r["rank"] for r in sel], [r["model_error"] for r in sel],
-                             marker="o", label=method)
+                for ax, key in zip(axes, ("spd_ols", "model_error"), strict=True):
+                    ax.errorbar([r["rank"] for r in sel], [r[key] for r in sel],
+                                yerr=[r.get(key + "_std", 0.0) for r in sel], marker="o",
+                                capsize=3, label=method)
         for r in dense:
             axes[0].axhline(r["spd_ols"], color="k", ls="--", label="dense")
             axes[1].axhline(r["model_error"], color="k", ls="--", label="dense")
@@ -686,7 +777,7 @@ def _lowrank(config, workdir, key) -> dict:
             ax.legend(fontsize=7)
         common.savefig(fig, workdir, "lowrank_spd")
         _plot_loss(workdir, runs)
-    return dict(study="lowrank", rows=rows, skipped=skipped,
+    return dict(study="lowrank", rows=rows, skipped=skipped, per_seed=per_seed,
                 train={k: {kk: vv for kk, vv in v.items() if kk != "loss_history"}
                        for k, v in runs.items()})
 

@@ -39,6 +39,7 @@ MODELS = {
     "s4d-random": dict(mode="diag", ssm_init="random", disc="zoh"),
 }
 TASKS = ("adding", "digits")
+SOLVED_MSE = 0.01  # the issue's bar for "solves the adding problem" (the trivial predictor: 1/6)
 log = logging.getLogger("lrx.s4")
 
 
@@ -47,6 +48,7 @@ def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.experiment = "s4"
     c.seed = 0
+    c.seeds = 1
     c.tasks = ("adding", "digits")
     c.models = ("s4-legs", "s4d-legs", "s4d-random")
     c.model = ml_collections.ConfigDict(dict(
@@ -85,6 +87,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if config.adding.length < 2:
         raise ConfigError(f"config.adding.length={config.adding.length} must be >= 2.")
     common.check_positive(config.digits.upsample, "digits.upsample")
+    common.check_positive(config.seeds, "seeds")
 
 
 def _model(config, name: str, d_output: int, pool: str, length: int):
@@ -107,10 +110,18 @@ def _optimizer(config, steps: int):
     return s4_optimizer(schedule, o.weight_decay, o.ssm_learning_rate)
 
 
+def _seed_key(key: jax.Array, s: int) -> jax.Array:
+    # seed 0 keeps the single-seed keys of earlier runs; seed s > 0 folds s in
+    return key if s == 0 else jax.random.fold_in(key, s)
+
+
 def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
+    """Trains ``config.seeds`` replicas of one (task, model) as one vmapped scan
+    (:func:`lrx.train.scan.fit_replicas`); seed ``s`` changes the init and the training data, the
+    test set is shared. Returns per-seed rows and curves."""
     from lrx.data import long_range
     from lrx.param import count_params
-    from lrx.train.scan import fit
+    from lrx.train.scan import fit_replicas
 
     tc = config[task]
     k_init, k_data, k_eval = jax.random.split(key, 3)
@@ -137,28 +148,57 @@ def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
             return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
         x_eval, y_eval = jnp.asarray(test.x), jnp.asarray(test.y)
-    params = model.init(k_init, x_eval[:2])["params"]
-    n_params = count_params(params)
+    seeds = range(config.seeds)
+    inits = [model.init(_seed_key(k_init, s), x_eval[:2])["params"] for s in seeds]
+    params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *inits)
+    keys = jnp.stack([_seed_key(k_data, s) for s in seeds])
+    n_params = count_params(inits[0])
     start = time.time()
-    params, history = fit(loss_fn, params, _optimizer(config, tc.steps), batch_fn, tc.steps,
-                          key=k_data, log_every=tc.log_every,
-                          callback=lambda s, v: log.info("%s/%s step %d loss %.4f",
-                                                         task, name, s, v))
+    params, history = fit_replicas(
+        loss_fn, params, _optimizer(config, tc.steps), batch_fn, tc.steps, keys=keys,
+        log_every=tc.log_every,
+        callback=lambda s, v: log.info("%s/%s step %d loss %s", task, name, s,
+                                       " ".join(f"{float(x):.4f}" for x in v)))
     seconds = time.time() - start
-    apply = jax.jit(lambda p, x: model.apply({"params": p}, x))
+    apply = jax.jit(jax.vmap(lambda p, x: model.apply({"params": p}, x), in_axes=(0, None)))
     outs = jnp.concatenate([apply(params, x_eval[i:i + 128])
-                            for i in range(0, len(x_eval), 128)])
-    row: dict[str, Any] = dict(task=task, model=name, length=int(length), params=n_params,
-                               steps=tc.steps, train_loss=float(history["loss"][-1]),
-                               seconds=round(seconds, 1))
-    if task == "adding":
-        row["test_mse"] = float(jnp.mean((outs[:, 0] - y_eval) ** 2))
-        row["baseline_mse"] = long_range.ADDING_BASELINE_MSE
-    else:
-        row["test_accuracy"] = float(jnp.mean(jnp.argmax(outs, -1) == y_eval))
-    curve = dict(step=np.asarray(history["step"]).tolist(),
-                 loss=np.asarray(history["loss"]).tolist())
-    return dict(row=row, curve=curve)
+                            for i in range(0, len(x_eval), 128)], axis=1)  # (K, n, d_out)
+    rows, curves = [], []
+    for s in seeds:
+        row: dict[str, Any] = dict(task=task, model=name, seed=config.seed + s,
+                                   length=int(length), params=n_params, steps=tc.steps,
+                                   train_loss=float(history["loss"][-1, s]),
+                                   seconds=round(seconds / config.seeds, 1))
+        if task == "adding":
+            row["test_mse"] = float(jnp.mean((outs[s, :, 0] - y_eval) ** 2))
+            row["baseline_mse"] = long_range.ADDING_BASELINE_MSE
+        else:
+            row["test_accuracy"] = float(jnp.mean(jnp.argmax(outs[s], -1) == y_eval))
+        rows.append(row)
+        curves.append(dict(step=np.asarray(history["step"]).tolist(),
+                           loss=np.asarray(history["loss"][:, s]).tolist()))
+    return dict(rows=rows, curves=curves)
+
+
+def _aggregate(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (task, model): mean and std over seeds of the metrics, and the seed count."""
+    out = []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["model"]), []).append(r)
+    for (task, name), rs in groups.items():
+        agg: dict[str, Any] = dict(task=task, model=name, length=rs[0]["length"],
+                                   steps=rs[0]["steps"], seeds=len(rs))
+        for key in ("train_loss", "test_mse", "test_accuracy"):
+            vals = [r[key] for r in rs if key in r]
+            if vals:
+                agg[key] = float(np.mean(vals))
+                agg[key + "_std"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        if "test_mse" in agg:
+            agg["solved_seeds"] = sum(r["test_mse"] < SOLVED_MSE for r in rs)
+        agg["seconds"] = round(sum(r["seconds"] for r in rs), 1)
+        out.append(agg)
+    return out
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -169,24 +209,36 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         for name in config.models:
             # same data stream and init key for every model of a task
             out = _run_one(config, task, name, jax.random.fold_in(key, ti))
-            rows.append(out["row"])
-            curves.setdefault(task, {})[name] = out["curve"]
-            log.info("%s", out["row"])
-    columns = ["task", "model", "length", "params", "steps", "train_loss", "test_mse",
+            rows.extend(out["rows"])
+            curves.setdefault(task, {})[name] = out["curves"]
+            for r in out["rows"]:
+                log.info("%s", r)
+    columns = ["task", "model", "seed", "length", "params", "steps", "train_loss", "test_mse",
                "baseline_mse", "test_accuracy", "seconds"]
     common.write_table(workdir, "results", rows, columns,
-                       title="Long-range tasks: S4 (DPLR) vs S4D")
+                       title="Long-range tasks: S4 (DPLR) vs S4D, every seed")
+    means = _aggregate(rows)
+    common.write_table(workdir, "results_mean", means,
+                       ["task", "model", "length", "steps", "seeds", "train_loss",
+                        "train_loss_std", "test_mse", "test_mse_std", "solved_seeds",
+                        "test_accuracy", "test_accuracy_std", "seconds"],
+                       title=f"Mean and std over seeds (solved: test MSE < {SOLVED_MSE})")
     plt = common.pyplot()
     for task, by_model in curves.items():
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for name, c in by_model.items():
-            ax.plot(c["step"], c["loss"], label=name)
+        for ci, (name, runs) in enumerate(by_model.items()):
+            for si, c in enumerate(runs):
+                ax.plot(c["step"], c["loss"], color=f"C{ci}", alpha=0.8,
+                        label=name if si == 0 else None)
+        if task == "adding":
+            ax.axhline(1 / 6, color="gray", ls=":", label="predict the mean")
+            ax.axhline(SOLVED_MSE, color="gray", ls="--", label=f"MSE {SOLVED_MSE}")
         ax.set_xlabel("step")
         ax.set_ylabel("train loss (block mean)")
         ax.set_yscale("log")
-        ax.set_title(task)
-        ax.legend()
+        ax.set_title(f"{task} ({config.seeds} seed{'s' if config.seeds > 1 else ''})")
+        ax.legend(fontsize=7)
         common.savefig(fig, workdir, f"curves_{task}")
-    summary = dict(results=rows, curves=curves)
+    summary = dict(results=rows, means=means, curves=curves)
     common.write_summary(workdir, summary)
     return summary
