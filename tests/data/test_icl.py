@@ -49,7 +49,7 @@ def test_interleave_layout():
 
 def test_interleave_rejects_mismatch():
     with pytest.raises(ValueError):
-        icl.interleave(np.zeros((2, 3, 4)), np.zeros((2, 4)))
+        icl.interleave(np.zeros((2, 3, 4), np.float32), np.zeros((2, 4), np.float32))
 
 
 def test_stack_tokens_layout():
@@ -63,12 +63,13 @@ def test_stack_tokens_layout():
 def test_place_probes_sets_only_the_query_token(layout):
     rng = np.random.default_rng(5)
     b, n, d, m = 2, 3, 4, 5
-    x, y = rng.normal(size=(b, n, d)), rng.normal(size=(b, n))
+    x = rng.normal(size=(b, n, d)).astype(np.float32)
+    y = rng.normal(size=(b, n)).astype(np.float32)
     if layout == "interleave":
         tokens, position = np.asarray(icl.interleave(x, y)), 2 * (n - 1)
     else:
         tokens, position = np.asarray(icl.stack_tokens(x[:, :-1], y[:, :-1], x[:, -1])), n - 1
-    probes = rng.normal(size=(b, m, d))
+    probes = rng.normal(size=(b, m, d)).astype(np.float32)
     out = np.asarray(icl.place_probes(tokens, probes, position, layout))
     assert out.shape == (b, m) + tokens.shape[1:]
     for i in range(b):
