@@ -195,12 +195,13 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
                 inputs, i, 0, keepdims=False), x0.dtype))
             g_layer, g_x = layer_vjp(g_x)
             sq = sq + optax.global_norm(g_layer) ** 2
-            # The update starts once the whole layer is differentiated (its scalars, e.g. the
-            # step count that GaLore's refresh conds read, wait for g_x): XLA:CPU otherwise
-            # ran the MLP refreshes (SVD workspaces) while the attention backward, with its
-            # float32 weight copies, was still pending.
+            # The update starts once the whole layer is differentiated (its state slice, e.g.
+            # the step count that GaLore's refresh conds read, waits for g_x): XLA:CPU
+            # otherwise ran the MLP refreshes (SVD workspaces) while the attention backward,
+            # with its float32 weight copies, was still pending, and sliced the old projectors
+            # at the start of the body.
             updates, new_state = optimizer.update(
-                _clip(g_layer, clip_norm), after(take(layer_state, i), g_x, True), layer)
+                _clip(g_layer, clip_norm), after(take(layer_state, i), g_x), layer)
             layer = optax.apply_updates(layer, updates)
             return g_x, put(stack, layer, i), put(layer_state, new_state, i), sq
 
