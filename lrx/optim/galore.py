@@ -217,8 +217,20 @@ class Galore(engine.Strategy):
             base_state = jax.lax.cond(
                 count % self.update_proj_gap == 0,
                 lambda s: jax.tree_util.tree_map(jnp.zeros_like, s), lambda s: s, base_state)
-        rs = [g if p.kind == "dense" else sub.project(x, s.projector)
-              for p, g, x, s in zip(plans, grads, g3, leaves, strict=True)]
+        # One projection after the other, last leaf first (the order in which a LLaMA block's
+        # backward pass produces them; each gradient is read after the previous projection,
+        # engine.after): XLA:CPU otherwise made the float32 copies of every gradient of a layer
+        # for these products at once (llama_7b per layer: 7 copies, 772 MiB).
+        rs, prev = [None] * len(plans), None
+        for j in reversed(range(len(plans))):
+            p, g, x, s = plans[j], grads[j], g3[j], leaves[j]
+            if p.kind == "dense":
+                rs[j] = g
+                continue
+            if prev is not None:
+                x = engine.after(x, prev)
+            rs[j] = sub.project(x, s.projector)
+            prev = rs[j]
         u_tree, base_state = self.base_optimizer.update(treedef.unflatten(rs), base_state)
         us = treedef.flatten_up_to(u_tree)
         out = [(u if p.kind == "dense" else

@@ -40,6 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lrx.optim.engine import from_int_view, int_view
+
 MOMENT_DTYPES = ("float32", "bfloat16", "8bit")
 
 
@@ -209,26 +211,46 @@ def scale_by_adam_8bit(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, *,
         return (mu / c1) / (jnp.sqrt(nu / c2) + eps), mu, nu
 
     def blockwise(g, mu_q, nu_q, c1, c2):
-        """8-bit moments: dequantize, update and re-quantize ``chunk_blocks`` blocks at a time
-        (``lax.map``), so temporaries hold one chunk, not the whole tensor in float32."""
+        """8-bit moments: dequantize, update and re-quantize ``chunk_blocks`` blocks at a time,
+        so temporaries hold one chunk, not the whole tensor in float32. A ``fori_loop`` whose
+        carries go through ``optimization_barrier`` (so XLA:CPU hoists no float32 copy of the
+        whole gradient out of it) and are written in place: the direction over (the uint16 view
+        of a 16-bit) gradient, the codes and absmax over the old ones (the state is donated),
+        so the update holds no second gradient-sized or state-sized buffer (a ``lax.map`` kept
+        its stacked outputs and a float32 copy of the gradient: llama_7b per-layer GaLore 8-bit,
+        embedding and LM head)."""
         num_blocks, size = mu_q.codes.shape[0], g.size
         flat = jnp.pad(jnp.ravel(g), (0, num_blocks * block_size - size))
-        flat = flat.reshape(num_blocks, block_size)
+        flat = int_view(flat.reshape(num_blocks, block_size))
         mu_map, nu_map = jnp.asarray(_MAPS[True]), jnp.asarray(_MAPS[False])
 
-        def one(args):
-            gb, mc, ma, nc, na = args
-            mu = mu_map[mc.astype(jnp.int32)] * ma
-            nu = nu_map[nc.astype(jnp.int32)] * na
-            u, mu, nu = adam(gb.astype(jnp.float32), mu, nu, c1, c2)
+        def one(gb, mc, ma, nc, na):
+            mu = mu_map[mc.astype(jnp.int32)] * ma[:, None]
+            nu = nu_map[nc.astype(jnp.int32)] * na[:, None]
+            u, mu, nu = adam(from_int_view(gb, g.dtype).astype(jnp.float32), mu, nu, c1, c2)
             mq, nq = (quantize(mu, signed=True, block_size=block_size),
                       quantize(nu, signed=False, block_size=block_size))
-            return u.astype(g.dtype), mq.codes[0], mq.absmax[0], nq.codes[0], nq.absmax[0]
+            return (int_view(u.astype(g.dtype)), mq.codes.reshape(mc.shape), mq.absmax,
+                    nq.codes.reshape(nc.shape), nq.absmax)
 
-        u, mc, ma, nc, na = jax.lax.map(
-            one, (flat, mu_q.codes, mu_q.absmax, nu_q.codes, nu_q.absmax),
-            batch_size=min(chunk_blocks, num_blocks))
-        u = u.reshape(-1)[:size].reshape(g.shape)
+        chunk = min(chunk_blocks, num_blocks)
+        carry = (flat, mu_q.codes, mu_q.absmax, nu_q.codes, nu_q.absmax)
+
+        def body(c, carry):
+            carry = jax.lax.optimization_barrier(carry)
+            start = c * chunk
+            part = [jax.lax.dynamic_slice_in_dim(x, start, chunk, 0) for x in carry]
+            return tuple(jax.lax.dynamic_update_slice_in_dim(x, y, start, 0)
+                         for x, y in zip(carry, one(*part), strict=True))
+
+        full = num_blocks // chunk
+        carry = jax.lax.fori_loop(0, full, body, carry)
+        if full * chunk < num_blocks:          # the last, partial chunk
+            rest = [x[full * chunk:] for x in carry]
+            carry = tuple(x.at[full * chunk:].set(y)
+                          for x, y in zip(carry, one(*rest), strict=True))
+        u, mc, ma, nc, na = carry
+        u = from_int_view(u, g.dtype).reshape(-1)[:size].reshape(g.shape)
         return (u, QuantizedArray(mc, ma, mu_q.shape, mu_q.dtype, True),
                 QuantizedArray(nc, na, nu_q.shape, nu_q.dtype, False))
 

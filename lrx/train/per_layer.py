@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lrx.optim.engine import after, from_int_view, int_view, late_zero
 from lrx.train.loop import TrainState
 
 PyTree = Any
@@ -84,6 +85,28 @@ def _split(params: Mapping, layers_key: str) -> tuple[dict, PyTree]:
                          f" (a scanned model, e.g. LlamaConfig(scan_layers=True)); the top-level "
                          f"keys are {sorted(params)}")
     return {k: v for k, v in params.items() if k != layers_key}, params[layers_key]
+
+
+@jax.custom_vjp
+def _lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
+    """``table[ids]`` (rows; ``ids`` int, any shape) whose gradient is the scatter-add of the
+    cotangent rows into zeros built after the cotangent (:func:`lrx.optim.engine.late_zero`),
+    not at the start of the step (llama_7b: a float32 ``(32000, 4096)`` buffer, XLA:CPU's
+    upcast of the bf16 scatter, live across both layer loops)."""
+    return jnp.take(table, ids, axis=0)
+
+
+def _lookup_fwd(table, ids):
+    return jnp.take(table, ids, axis=0), (ids, jnp.zeros((0, *table.shape), table.dtype))
+
+
+def _lookup_bwd(res, g):
+    ids, like = res
+    zeros = jnp.broadcast_to(late_zero(g).astype(like.dtype), like.shape[1:])
+    return zeros.at[ids].add(g.astype(like.dtype)), None
+
+
+_lookup.defvjp(_lookup_fwd, _lookup_bwd)
 
 
 def _clip(tree: PyTree, max_norm: float) -> PyTree:
@@ -149,23 +172,36 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
         # weights out of the loops (llama_7b: f32[32,4096,11008] loop buffers, 24 GiB).
         def forward(i, carry):
             x, saved, stack = jax.lax.optimization_barrier(carry)
-            saved = jax.lax.dynamic_update_index_in_dim(saved, x, i, 0)
+            saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(x), i, 0)
             return layer_fn(take(stack, i), x), saved, stack
 
+        # The layer inputs are kept as their uint16 view (16-bit activations): the backward
+        # loop slices them, and XLA:CPU computed the slice of a bf16 stack through a float32
+        # copy of the whole stack (llama_7b: 128 MiB, alive through both loops).
         x_last, inputs, stack = jax.lax.fori_loop(
-            0, num_layers, forward, (x0, jnp.zeros((num_layers, *x0.shape), x0.dtype), stack))
-        loss, (g_head, g_x) = jax.value_and_grad(head_fn, argnums=(0, 1))(outer, x_last, batch)
+            0, num_layers, forward,
+            (x0, jnp.zeros((num_layers, *x0.shape), int_view(x0).dtype), stack))
+        # The head reads the outer parameters only once the forward loop is done: XLA:CPU's
+        # float32 copy of the LM head for its matmuls (llama_7b: 500 MiB) was otherwise made
+        # at the start of the step and kept across both loops.
+        loss, (g_head, g_x) = jax.value_and_grad(head_fn, argnums=(0, 1))(
+            after(outer, x_last), x_last, batch)
 
         def backward(k, carry):
             g_x, stack, layer_state, sq = jax.lax.optimization_barrier(carry)
             i = num_layers - 1 - k
             layer = take(stack, i)
-            _, layer_vjp = jax.vjp(layer_fn, layer, jax.lax.dynamic_index_in_dim(
-                inputs, i, 0, keepdims=False))
+            _, layer_vjp = jax.vjp(layer_fn, layer, from_int_view(jax.lax.dynamic_index_in_dim(
+                inputs, i, 0, keepdims=False), x0.dtype))
             g_layer, g_x = layer_vjp(g_x)
             sq = sq + optax.global_norm(g_layer) ** 2
-            updates, new_state = optimizer.update(_clip(g_layer, clip_norm),
-                                                  take(layer_state, i), layer)
+            # The update starts once the whole layer is differentiated (its state slice, e.g.
+            # the step count that GaLore's refresh conds read, waits for g_x): XLA:CPU
+            # otherwise ran the MLP refreshes (SVD workspaces) while the attention backward,
+            # with its float32 weight copies, was still pending, and sliced the old projectors
+            # at the start of the body.
+            updates, new_state = optimizer.update(
+                _clip(g_layer, clip_norm), after(take(layer_state, i), g_x), layer)
             layer = optax.apply_updates(layer, updates)
             return g_x, put(stack, layer, i), put(layer_state, new_state, i), sq
 
@@ -203,7 +239,7 @@ def llama_pieces(config: Any) -> tuple[Callable, Callable, Callable]:
     dtype, pdtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
 
     def embed_fn(outer, tokens):
-        return jnp.take(outer["embedding"], tokens[:, :-1], axis=0).astype(dtype)
+        return _lookup(outer["embedding"], tokens[:, :-1]).astype(dtype)
 
     def layer_fn(layer, x):
         rope = rope_angles(jnp.arange(x.shape[1]), config.head_dim, config.rope_theta)
