@@ -243,7 +243,8 @@ def late_zero(dep: jax.Array) -> jax.Array:
     the step where an ``optimization_barrier`` does not (XLA:CPU's scheduler computes buffers
     whose operands are ready, such as a constant accumulator or a float32 copy of a weight or
     a gradient, as early as it can, and keeps them alive until their last use)."""
-    first = jnp.ravel(dep)[0]
+    # one entry by index, not jnp.ravel(dep)[0]: a ravel of a sharded array gathers it whole
+    first = dep[(0,) * jnp.ndim(dep)]
     bits = jax.lax.bitcast_convert_type(first, jnp.dtype(f"uint{8 * first.dtype.itemsize}"))
     return jnp.minimum(bits, 0)
 
