@@ -5,6 +5,7 @@ sequential digits (experiments/s4.py).
     python run.py --config=configs/s4.py:smoke           # seconds
     python run.py --config=configs/s4.py:long            # adding L=4096 (3000 steps), digits L=1024
     python run.py --config=configs/s4.py:all_inits       # + S4D-Lin and S4D-Inv
+    python run.py --config=configs/s4.py:adding512       # adding L=512, 8000 steps, 3 seeds
     python run.py --config=configs/s4.py:adding.length=2048
 """
 
@@ -30,7 +31,14 @@ def _all_inits(c):
     c.models = ("s4-legs", "s4d-legs", "s4d-lin", "s4d-inv", "s4d-random")
 
 
-VARIANTS = {"smoke": _smoke, "long": _long, "all_inits": _all_inits}
+def _adding512(c):
+    # the long-range comparison of the README: 3 seeds per model, one vmapped program each
+    c.tasks = ("adding",)
+    c.adding.update(length=512, steps=8000, log_every=250)
+    c.seeds = 3
+
+
+VARIANTS = {"smoke": _smoke, "long": _long, "all_inits": _all_inits, "adding512": _adding512}
 
 
 def get_config(arg=None):
