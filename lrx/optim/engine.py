@@ -23,7 +23,10 @@ everything the methods share, once:
   its matrices one at a time (:func:`update_per_matrix`, for strategies whose
   ``update_leaf`` is separable per matrix: GaLore, Fira, FRUGAL; not APOLLO, whose random
   projection is drawn for the whole stack), so its float32 temporaries (projection, moments,
-  back-projection) are one matrix's, not the stack's.
+  back-projection) are one matrix's, not the stack's. A strategy whose :meth:`Strategy.update_all`
+  takes every leaf at once (GaLore with a user ``base_optimizer``) can instead refresh the leaves
+  itself, one after the other (:meth:`Strategy.refreshes_in_update_all`; the engine hands it
+  each leaf's refresh cond): GaLore then projects a leaf's gradient before the next leaf's SVD.
 
 The state of a method is ``State(count, key, *leaf fields, *global fields)``: ``count`` int32
 ``[]``, ``key`` the PRNG key (or None), then one pytree like the params per field of the method's
@@ -131,10 +134,21 @@ class Strategy:
         raise NotImplementedError
 
     def update_all(self, plans: list[Plan], treedef: Any, grads: list, g3: list, leaves: list,
-                   globals_: tuple, count: jax.Array) -> tuple[list, list, tuple] | None:
+                   globals_: tuple, count: jax.Array, refresh: Callable | None = None
+                   ) -> tuple[list, list, tuple] | None:
         """Override to update every leaf at once (GaLore's user ``base_optimizer``); None: the
-        engine calls :meth:`update_leaf` leaf by leaf."""
+        engine calls :meth:`update_leaf` leaf by leaf. When :meth:`refreshes_in_update_all`
+        is True, ``refresh(i, g3_i) -> leaf_i`` is the refresh of leaf ``i`` (``kind ==
+        'proj'``; its ``lax.cond`` on the step count included) from the ``(B, m, n)`` gradient
+        ``g3_i`` given, and ``update_all`` must call it once for each such leaf (``leaves``
+        hold the old projectors)."""
         return None
+
+    def refreshes_in_update_all(self) -> bool:
+        """True when :meth:`update_all` refreshes the leaves itself (through its ``refresh``
+        argument), so that it can order each leaf's refresh after the previous leaf's use of
+        its gradient; False (default): the engine refreshes every leaf first."""
+        return False
 
 
 # --------------------------------------------------------------------------------------- leaves
@@ -466,41 +480,52 @@ def transform(strategy: Strategy) -> optax.GradientTransformation:
 
         # ---- refresh: new projectors (and each method's moment policy), one matrix at a time
         refreshed = [p.kind == "proj" for p in pl]
-        if any(refreshed):
-            fields = [strategy.refresh_fields(p) if r else () for p, r in zip(pl, refreshed,
-                                                                              strict=True)]
-            parts = [_part(s, f) if r else None
-                     for s, f, r in zip(leaves, fields, refreshed, strict=True)]
+        interleave = (any(refreshed) and not strategy.stagger
+                      and strategy.refreshes_in_update_all())
+        fields = [strategy.refresh_fields(p) if r else () for p, r in zip(pl, refreshed,
+                                                                          strict=True)]
+        read_old = strategy.reads_old_projector()
+
+        def refresh_one(i: int, g: jax.Array) -> Any:
+            """Leaf ``i`` refreshed from ``g (B, m, n)`` inside its own cond on the count."""
+            p, key_i = pl[i], jax.random.fold_in(step_key, i)
+            part = jax.lax.cond(
+                count % strategy.update_proj_gap == 0,
+                lambda q: _refresh_leaf(strategy, p, g, q, key_i, count, None, read_old),
+                lambda q: q, _part(leaves[i], fields[i]))
+            return _merge(leaves[i], part, fields[i])
+
+        if any(refreshed) and not interleave:
             # One cond per leaf (never one around the whole tree): a leaf's refresh needs only
             # its own gradient, so XLA can run it as soon as the backward pass has produced that
             # gradient and free it right after, as for any per-leaf update.
             offsets = _stagger_offsets(strategy, pl) if strategy.stagger else None
-            read_old = strategy.reads_old_projector()
+            new = list(leaves)
             for i, p in enumerate(pl):
                 if not refreshed[i]:
                     continue
-                key_i = jax.random.fold_in(step_key, i)
                 if strategy.stagger:
                     preds = (count == 0) | (count % strategy.update_proj_gap == offsets[i])
-                    parts[i] = _refresh_leaf(strategy, p, g3[i], parts[i], key_i, count, preds,
-                                             True)
+                    part = _refresh_leaf(strategy, p, g3[i], _part(leaves[i], fields[i]),
+                                         jax.random.fold_in(step_key, i), count, preds, True)
+                    new[i] = _merge(leaves[i], part, fields[i])
                 else:
-                    parts[i] = jax.lax.cond(
-                        count % strategy.update_proj_gap == 0,
-                        lambda q, p=p, g=g3[i], k=key_i: _refresh_leaf(
-                            strategy, p, g, q, k, count, None, read_old),
-                        lambda q: q, parts[i])
-            leaves = [_merge(s, q, f) if r else s
-                      for s, q, f, r in zip(leaves, parts, fields, refreshed, strict=True)]
+                    new[i] = refresh_one(i, g3[i])
             # The update of a refreshed leaf reads its gradient only after the refresh: XLA:CPU
             # otherwise made the float32 copies of every gradient of a layer for the
             # projections before the refreshes and kept them across all the SVDs.
-            g3 = [after(g, jax.tree_util.tree_leaves(q)[0]) if r else g
-                  for g, q, r in zip(g3, parts, refreshed, strict=True)]
+            g3 = [after(g, jax.tree_util.tree_leaves(_part(q, f))[0]) if r else g
+                  for g, q, f, r in zip(g3, new, fields, refreshed, strict=True)]
+            leaves = new
         leaves = strategy.refresh_global(pl, leaves, count, state.key)
 
         # ---- update
-        done = strategy.update_all(pl, treedef, grads, g3, leaves, globals_, count)
+        done = strategy.update_all(pl, treedef, grads, g3, leaves, globals_, count,
+                                   refresh=refresh_one if interleave else None)
+        if interleave and done is None:
+            raise RuntimeError(f"{type(strategy).__name__}.refreshes_in_update_all() is True "
+                               "but its update_all returned None: the projectors were never "
+                               "refreshed")
         if done is None:
             # Leaf by leaf with no cross-leaf dependency: each update (Fira's residual
             # included) is a function of its own gradient only, so its temporaries live while

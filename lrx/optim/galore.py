@@ -206,9 +206,16 @@ class Galore(engine.Strategy):
             mu=mu.astype(dtype), nu=nu.astype(dtype),
             moment_count=None if mc is None else optax.safe_increment(mc))
 
-    def update_all(self, plans, treedef, grads, g3, leaves, globals_, count):
+    def refreshes_in_update_all(self) -> bool:
+        """With a user ``base_optimizer`` :meth:`update_all` refreshes each leaf just before
+        its projection (see there)."""
+        return self.base_optimizer is not None
+
+    def update_all(self, plans, treedef, grads, g3, leaves, globals_, count, refresh=None):
         """With a user ``base_optimizer``: it sees the tree of projected gradients ``R`` (full
-        gradients on unprojected leaves); ``u = scale · back(base(R))``."""
+        gradients on unprojected leaves); ``u = scale · back(base(R))``. Each leaf is refreshed
+        (``refresh``, given by the engine) and projected in turn, the next leaf's gradient read
+        only once the previous projection exists (:func:`_projection_order`)."""
         if self.base_optimizer is None:
             return None
         (base_state,) = globals_
@@ -217,19 +224,24 @@ class Galore(engine.Strategy):
             base_state = jax.lax.cond(
                 count % self.update_proj_gap == 0,
                 lambda s: jax.tree_util.tree_map(jnp.zeros_like, s), lambda s: s, base_state)
-        # One projection after the other, last leaf first (the order in which a LLaMA block's
-        # backward pass produces them; each gradient is read after the previous projection,
-        # engine.after): XLA:CPU otherwise made the float32 copies of every gradient of a layer
-        # for these products at once (llama_7b per layer: 7 copies, 772 MiB).
+        # One refresh + projection after the other (engine.after): XLA:CPU otherwise made the
+        # float32 copies of every gradient of a layer for these products at once (llama_7b per
+        # layer: 7 copies, 772 MiB), and ran every SVD while all the layer's gradients were
+        # alive. In _projection_order a leaf's gradient is dead (projected) before the next
+        # leaf's SVD starts, and the small SVDs run first.
+        leaves = list(leaves)
         rs, prev = [None] * len(plans), None
-        for j in reversed(range(len(plans))):
-            p, g, x, s = plans[j], grads[j], g3[j], leaves[j]
+        for j in _projection_order(plans):
+            p, g, x = plans[j], grads[j], g3[j]
             if p.kind == "dense":
                 rs[j] = g
                 continue
             if prev is not None:
                 x = engine.after(x, prev)
-            rs[j] = sub.project(x, s.projector)
+            if refresh is not None and p.kind == "proj":
+                leaves[j] = refresh(j, x)
+                x = engine.after(x, jax.tree_util.tree_leaves(leaves[j].projector)[0])
+            rs[j] = sub.project(x, leaves[j].projector)
             prev = rs[j]
         u_tree, base_state = self.base_optimizer.update(treedef.unflatten(rs), base_state)
         us = treedef.flatten_up_to(u_tree)
@@ -237,6 +249,32 @@ class Galore(engine.Strategy):
                 p.layout.from3(self.scale * sub.project_back(u, s.projector))).astype(g.dtype)
                for p, u, s, g in zip(plans, us, leaves, grads, strict=True)]
         return out, leaves, (base_state,)
+
+
+def _projection_order(plans: list[Plan]) -> list[int]:
+    """The order in which :meth:`Galore.update_all` refreshes and projects the leaves: the
+    leaves of one block together (a block: the path up to its last name that ends in a digit,
+    e.g. ``layers_3`` of ``layers_3/mlp/up/kernel``; one block when no name does, as in one
+    layer's slice ``mlp/up/kernel`` or a scanned stack ``layers/mlp/up/kernel``), the blocks
+    last first (the order in which a backward pass produces them), and within a block the
+    smaller matrices first, ties last leaf first. The SVD of a refresh then runs while only the
+    gradients of the larger matrices are still alive (llama_7b per layer: the attention
+    gradients are projected before the first MLP SVD)."""
+    def block(p: Plan) -> str:
+        parts = p.name.split("/")
+        ends = [k for k, part in enumerate(parts) if part[-1:].isdigit()]
+        return "/".join(parts[:ends[-1] + 1]) if ends else ""
+
+    def size(j: int) -> int:
+        lay = plans[j].layout
+        return 0 if lay is None else lay.batch * lay.m * lay.n
+
+    order, blocks = [], {}
+    for j in reversed(range(len(plans))):
+        blocks.setdefault(block(plans[j]), []).append(j)
+    for members in blocks.values():
+        order.extend(sorted(members, key=size))
+    return order
 
 
 def validate(s: Galore, method: str = "galore") -> None:

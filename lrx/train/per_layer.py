@@ -230,8 +230,11 @@ def llama_pieces(config: Any) -> tuple[Callable, Callable, Callable]:
     """``(embed_fn, layer_fn, head_fn)`` of :class:`lrx.models.llama.Llama` with ``config``
     (a :class:`~lrx.models.llama.LlamaConfig` with ``scan_layers=True``) for
     :func:`make_per_layer_step`, with the next-token cross-entropy loss on ``tokens (B, T+1)``
-    (inputs ``[:, :-1]``, targets ``[:, 1:]``), the same numbers as ``Llama.apply``."""
-    from lrx.models.llama import Block, Linear, RMSNorm, rope_angles
+    (inputs ``[:, :-1]``, targets ``[:, 1:]``), the same numbers as ``Llama.apply``. The layer
+    function is ``Block`` written out with its attention half recomputed in the backward pass
+    (one more attention forward per layer and step, for less memory at the layer's backward;
+    see the comment there)."""
+    from lrx.models.llama import MLP, Attention, Linear, RMSNorm, rope_angles
 
     if not config.scan_layers:
         raise ValueError("llama_pieces needs LlamaConfig(scan_layers=True): per-layer updates "
@@ -241,9 +244,36 @@ def llama_pieces(config: Any) -> tuple[Callable, Callable, Callable]:
     def embed_fn(outer, tokens):
         return _lookup(outer["embedding"], tokens[:, :-1]).astype(dtype)
 
+    # Block.__call__ written out, with the attention half rematerialised in its backward pass,
+    # from inputs read only once the cotangent exists (engine.after): the layer's backward then
+    # makes the float32 copies of the four attention weights (XLA:CPU upcasts bf16 dots) just
+    # before differentiating the attention, instead of keeping those of the re-run forward
+    # through the whole MLP backward (llama_7b: 4 x 64 MiB at the peak of the per-layer step;
+    # a plain jax.checkpoint did not move them, its recompute was scheduled at once; llama_7b
+    # GaLore per-layer 8-bit 19.55 -> 19.49 GiB, 19.42 with GaLore's ordered refreshes). One
+    # more attention forward per layer and step; same numbers.
+    def attention_fwd_only(layer, x):
+        cos, sin = rope_angles(jnp.arange(x.shape[1]), config.head_dim, config.rope_theta)
+        normed = RMSNorm(config.rms_norm_eps, pdtype).apply({"params": layer["attn_norm"]}, x)
+        return x + Attention(config).apply({"params": layer["attn"]}, normed, cos, sin)
+
+    @jax.custom_vjp
+    def attention(layer, x):
+        return attention_fwd_only(layer, x)
+
+    def attention_fwd(layer, x):
+        return attention_fwd_only(layer, x), (layer, x)
+
+    def attention_bwd(res, g):
+        _, vjp = jax.vjp(attention_fwd_only, *after(res, g))
+        return vjp(g)
+
+    attention.defvjp(attention_fwd, attention_bwd)
+
     def layer_fn(layer, x):
-        rope = rope_angles(jnp.arange(x.shape[1]), config.head_dim, config.rope_theta)
-        return Block(config).apply({"params": layer}, x, rope)[0]
+        h = attention({k: layer[k] for k in ("attn_norm", "attn")}, x)
+        normed = RMSNorm(config.rms_norm_eps, pdtype).apply({"params": layer["mlp_norm"]}, h)
+        return h + MLP(config).apply({"params": layer["mlp"]}, normed)
 
     def head_fn(outer, x, tokens):
         x = RMSNorm(config.rms_norm_eps, pdtype).apply({"params": outer["final_norm"]}, x)

@@ -5,6 +5,7 @@ square and 1-row/1-column shapes in both layouts; state shapes, dtypes, errors."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import lrx.optim as lo
@@ -100,3 +101,51 @@ def test_bf16_params_float32_projector_and_moment_dtype():
 def test_galore_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lo.scale_by_galore(**kwargs)
+
+@pytest.mark.parametrize("proj_type", ["std", "reverse_std"])
+def test_galore_user_base_optimizer_matches_numpy(proj_type):
+    """A user ``base_optimizer`` (optax Adam, eps=0, where its bias correction equals the
+    transformers one) on a tree of matrices of several sizes, a stack and a dense vector: the
+    refresh of each leaf runs inside ``update_all`` (engine ``refresh`` callback, in
+    ``_projection_order``); every leaf equals its own float64 GaLore (refreshes at t = 0, 2,
+    4), the dense leaf float64 AdamW."""
+    shapes = {"a": (12, 8), "b": (6, 20), "c": (3, 9, 5), "d": (5,)}
+    rng = np.random.default_rng(7)
+    w0 = {k: rng.standard_normal(s) for k, s in shapes.items()}
+    gs = {k: _grads(s, 5, seed=10 + i) for i, (k, s) in enumerate(shapes.items())}
+    opt = lo.galore(0.01, rank=3, update_proj_gap=2, scale=0.25, proj_type=proj_type,
+                    weight_decay=0.1, base_optimizer=optax.scale_by_adam(eps=0.0))
+    params = {k: jnp.asarray(v, jnp.float32) for k, v in w0.items()}
+    out, _ = _run(opt, params, [{k: gs[k][t] for k in shapes} for t in range(5)])
+    kw = dict(rank=3, gap=2, scale=0.25, proj_type=_official(proj_type), lr=0.01, wd=0.1,
+              eps=0.0, layout="flax")
+    for k in ("a", "b"):
+        np.testing.assert_allclose(out[k], ref.galore(w0[k], gs[k], **kw), rtol=1e-5,
+                                   atol=1e-5)
+    for i in range(3):
+        np.testing.assert_allclose(out["c"][i], ref.galore(w0["c"][i], [g[i] for g in gs["c"]],
+                                                           **kw), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["d"], ref.adamw_galore_style(w0["d"], gs["d"], lr=0.01,
+                                                                wd=0.1, eps=0.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_projection_order_smaller_matrices_first_within_a_block():
+    """One layer's slice: one block, attention (4x4) before MLP (4x11), ties last leaf first;
+    an unrolled model: its blocks (``layers_<i>``) last first, each in that order."""
+    from lrx.optim import subspace as sub
+    from lrx.optim.engine import Plan
+    from lrx.optim.galore import _projection_order
+
+    def plan(name, m, n):
+        return Plan("proj", sub.Layout((0, 1, 2), (1, m, n), 1, m, n), name=name)
+
+    layer = [("attn/k/kernel", 4, 4), ("attn/q/kernel", 4, 4), ("mlp/down/kernel", 11, 4),
+             ("mlp/up/kernel", 4, 11)]
+    plans = [plan(*x) for x in layer] + [Plan("dense", name="mlp_norm/weight")]
+    assert [plans[j].name for j in _projection_order(plans)] == [
+        "mlp_norm/weight", "attn/q/kernel", "attn/k/kernel", "mlp/up/kernel", "mlp/down/kernel"]
+    unrolled = [plan(f"layers_{i}/{n}", m, k) for i in range(2) for n, m, k in layer]
+    assert [unrolled[j].name for j in _projection_order(unrolled)] == [
+        f"layers_{i}/{n}" for i in (1, 0) for n in ("attn/q/kernel", "attn/k/kernel",
+                                                    "mlp/up/kernel", "mlp/down/kernel")]

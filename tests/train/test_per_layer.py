@@ -29,6 +29,10 @@ OPTIMIZERS = {
     "frugal": lambda: lo.frugal(1e-2, density=0.25, subspace="svd", update_proj_gap=2,
                                 mask=MASK),
     "fira": lambda: lo.fira(1e-2, rank=4, update_proj_gap=2, mask=MASK),
+    # a user base optimizer: the refreshes run inside GaLore's update_all, one leaf at a time
+    "galore_base_adam": lambda: lo.galore(1e-2, rank=4, update_proj_gap=2, mask=MASK,
+                                          proj_type="reverse_std",
+                                          base_optimizer=optax.scale_by_adam(eps=1e-6)),
 }
 
 
@@ -64,7 +68,7 @@ def _close(a, b, tol):
                                    rtol=tol, atol=tol)
 
 
-FAST = ("adamw", "galore")
+FAST = ("adamw", "galore", "galore_base_adam")
 
 
 @pytest.mark.parametrize("name", [n if n in FAST else pytest.param(n, marks=pytest.mark.slow)
