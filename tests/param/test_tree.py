@@ -75,8 +75,9 @@ def test_apply_rules_and_warnings():
     with pytest.warns(UserWarning):
         P.apply(params, [("attn", P.lora(2))], jax.random.key(0))
     # first matching rule wins; already-factored nodes are left alone
-    out2 = P.apply(out, [(r".*kernel", P.lowrank(2)), (r"embed", P.lowrank(2))],
-                   jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"'\.\*kernel' matches no parameter"):
+        out2 = P.apply(out, [(r".*kernel", P.lowrank(2)), (r"embed", P.lowrank(2))],
+                       jax.random.key(0))
     assert isinstance(out2["layers_0"]["attn"]["q"]["kernel"], P.LoRA)
     assert isinstance(out2["embed"], P.LowRank)
     # per-path keys: two identical matrices get different adapters
