@@ -46,32 +46,14 @@ def fit(
     Returns:
       ``(params, history)`` with ``history = {'step': (B,), 'loss': (B,)}`` (B = number of blocks).
     """
-    _check_counts(steps, log_every)
-
-    def one_step(carry, step):
-        p, s = carry
-        batch = batch_fn(jax.random.fold_in(key, step))
-        loss, grads = jax.value_and_grad(loss_fn)(p, batch)
-        updates, s = optimizer.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), loss
-
-    @functools.partial(jax.jit, static_argnums=2)
-    def block(p, s, n, start):
-        (p, s), losses = jax.lax.scan(one_step, (p, s), start + jnp.arange(n))
-        return p, s, jnp.mean(losses)
-
-    state = optimizer.init(params)
-    history_steps, history_loss = [], []
-    done = 0
-    while done < steps:
-        n = min(log_every, steps - done)
-        params, state, loss = block(params, state, n, jnp.asarray(done))
-        done += n
-        history_steps.append(done)
-        history_loss.append(loss)
-        if callback is not None:
-            callback(done, float(loss))
-    return params, {"step": jnp.asarray(history_steps), "loss": jnp.stack(history_loss)}
+    # one replica of fit_replicas (the same compiled scan with a replica axis of size 1)
+    stacked = jax.tree_util.tree_map(lambda x: jnp.asarray(x)[None], params)
+    per_block = None if callback is None else (lambda t, losses: callback(t, float(losses[0])))
+    trained, history = fit_replicas(loss_fn, stacked, optimizer, batch_fn, steps,
+                                    keys=jnp.asarray(key)[None], log_every=log_every,
+                                    callback=per_block)
+    return (jax.tree_util.tree_map(lambda x: x[0], trained),
+            {"step": history["step"], "loss": history["loss"][:, 0]})
 
 
 def _check_counts(steps: int, log_every: int) -> None:
