@@ -43,6 +43,14 @@ def check_choice(value: Any, choices: Sequence[Any], key: str) -> None:
                           f"Valid choices: {', '.join(map(repr, choices))}.")
 
 
+def seed_key(key: Any, s: int) -> Any:
+    """The PRNG key of seed ``s`` of a seeded study (``config.seeds``): seed 0 keeps ``key``
+    (the keys of a single-seed run), seed ``s > 0`` is ``fold_in(key, s)``."""
+    import jax
+
+    return key if s == 0 else jax.random.fold_in(key, s)
+
+
 def check_positive(value: Any, key: str, *, allow_zero: bool = False) -> None:
     """Raises ConfigError unless ``value`` is a number > 0 (or >= 0 with ``allow_zero``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -204,13 +204,6 @@ def _galore_transform(config, rank: int):
     return make
 
 
-def _seed_key(key, s: int):
-    import jax
-
-    # seed 0 keeps the keys of single-seed runs; seed s > 0 folds s in
-    return key if s == 0 else jax.random.fold_in(key, s)
-
-
 def train_models(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("dense", 0),
                  seeds: int = 1):
     """Trains ``seeds`` replicas of the GPT on fresh prompts as one vmapped program
@@ -236,7 +229,7 @@ def train_models(config, model_cfg, data_cfg, key, variant: tuple[str, int] = ("
             raise RuntimeError("lrx.optim.galore is not available")
     trainables, frozens, data_keys = [], [], []
     for s in range(seeds):
-        k_init, k_data, k_param = jax.random.split(_seed_key(key, s), 3)
+        k_init, k_data, k_param = jax.random.split(common.seed_key(key, s), 3)
         params = model.init(k_init, jnp.zeros((1, 2 * n - 1, d + 1)))["params"]
         if method in ("lowrank", "lora"):
             alpha = config.lowrank.lora_alpha or None

@@ -110,11 +110,6 @@ def _optimizer(config, steps: int):
     return s4_optimizer(schedule, o.weight_decay, o.ssm_learning_rate)
 
 
-def _seed_key(key: jax.Array, s: int) -> jax.Array:
-    # seed 0 keeps the single-seed keys of earlier runs; seed s > 0 folds s in
-    return key if s == 0 else jax.random.fold_in(key, s)
-
-
 def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
     """Trains ``config.seeds`` replicas of one (task, model) as one vmapped scan
     (:func:`lrx.train.scan.fit_replicas`); seed ``s`` changes the init and the training data, the
@@ -149,9 +144,9 @@ def _run_one(config, task: str, name: str, key: jax.Array) -> dict[str, Any]:
 
         x_eval, y_eval = jnp.asarray(test.x), jnp.asarray(test.y)
     seeds = range(config.seeds)
-    inits = [model.init(_seed_key(k_init, s), x_eval[:2])["params"] for s in seeds]
+    inits = [model.init(common.seed_key(k_init, s), x_eval[:2])["params"] for s in seeds]
     params = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *inits)
-    keys = jnp.stack([_seed_key(k_data, s) for s in seeds])
+    keys = jnp.stack([common.seed_key(k_data, s) for s in seeds])
     n_params = count_params(inits[0])
     start = time.time()
     params, history = fit_replicas(
