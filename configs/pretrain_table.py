@@ -14,7 +14,8 @@ configs/apollo.py:mini; with ``model=<preset>`` its paper variant); `steps`, `ba
     python run.py --config=configs/pretrain_table.py:smoke
 
 Tokens: `smoke`, and KEY=VALUE for any key (`model=<preset>` of tiny, llama_60m, llama_130m,
-llama_350m, llama_1b; `steps=<int>`; `methods=<a+b+...>`; `lr_factors=0.333+1+3`; `seeds=3`).
+llama_350m, llama_1b; `steps=<int>`; `methods=<a+b+...>`; `lr_factors=0.333+1+3`; `seeds=3`;
+`extend_grid=2`: a best lr at a grid edge runs up to 2 more lrs past it, one at a time).
 
 Budgets. tiny (the default): 200 steps x 8 x 128 bytes (205k tokens per run), 8 evaluations per
 run, lr grid (1/3, 1, 3) x paper lr, 3 seeds (seed 0 from the tuning sweep): 10 methods x (3 + 2)

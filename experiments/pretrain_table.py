@@ -16,6 +16,10 @@ program for all replicas):
    ``llama_60m`` recipe: AdamW, low-rank, LoRA, ReLoRA, FRUGAL 1e-3, SLTrain 3e-3, GaLore, Fira,
    APOLLO, APOLLO-Mini 1e-2), seed ``seed``; the best lr is the one with the lowest final eval
    loss among the replicas that did not diverge (a best lr at the edge of the grid is flagged).
+   With ``extend_grid = n > 0``, a best lr at an edge of the grid extends it: one more lr beyond
+   that edge (the grid's ratio at that edge, e.g. 3x) runs as its own phase ``extend<k>``, up to
+   ``n`` times, until the best lr is inside the lrs tried (the usual rule: the optimum is bracketed
+   before it is reported, whatever method it favours).
 2. **seeds**: the best lr with ``seeds`` seeds (init and step randomness; the data stream is
    shared), reported as mean ± std (n - 1) of the final eval bits/byte. Seed ``seed`` is the
    tuning sweep's replica at that lr (a replica of a vmapped sweep equals the run done alone,
@@ -77,6 +81,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.seed = 0
     c.relora_segments = 4          # ReLoRA restarts per run
     c.lr_factors = (1 / 3, 1.0, 3.0)   # the tuning grid: these times the paper's lr
+    c.extend_grid = 0              # a best lr at a grid edge: up to this many lrs beyond it
     c.seeds = 3                    # seeds of the best lr
     c.evals = 8                    # evaluations per run (the eval-loss-vs-tokens curves)
     c.proj_gap_fraction = 0.02     # update_proj_gap = this x steps (GaLore: 200 of 10K)
@@ -113,14 +118,37 @@ def lr_grid(config: ml_collections.ConfigDict, name: str) -> tuple[float, ...]:
     return tuple(float(f"{centre * f:.4g}") for f in config.lr_factors)
 
 
+def next_lr(config: ml_collections.ConfigDict, name: str, tried: list[float],
+            best_lr: float) -> float | None:
+    """The lr that extends the grid of method ``name`` past the edge where ``best_lr`` sits
+    (``tried``: every lr run so far), or None when the best lr is inside the lrs tried or the grid
+    has one lr. The step is the grid's own ratio at that edge (``lr_factors`` 1/3, 1, 3: 3x).
+
+    >>> c = ml_collections.ConfigDict({"lr_factors": (0.5, 1.0, 3.0), "paper_lr": {"m": 1e-3}})
+    >>> next_lr(c, "m", [5e-4, 1e-3, 3e-3], 3e-3), next_lr(c, "m", [5e-4, 1e-3, 3e-3], 5e-4)
+    (0.009, 0.00025)
+    >>> next_lr(c, "m", [5e-4, 1e-3, 3e-3], 1e-3) is None
+    True
+    """
+    factors = sorted(config.lr_factors)
+    if len(factors) < 2 or min(tried) < best_lr < max(tried):
+        return None
+    if best_lr == max(tried):
+        return float(f"{best_lr * factors[-1] / factors[-2]:.4g}")
+    return float(f"{best_lr * factors[0] / factors[1]:.4g}")
+
+
 def phase_config(config: ml_collections.ConfigDict, name: str, phase: str,
                  best_lr: float | None = None) -> ml_collections.ConfigDict:
-    """The ``lm`` config of one phase: 'tune' sweeps :func:`lr_grid` at ``seed``; 'seeds' runs
+    """The ``lm`` config of one phase: 'tune' sweeps :func:`lr_grid` at ``seed``; 'extend' runs
+    the one lr ``best_lr`` (from :func:`next_lr`) at ``seed``, as a tuning replica; 'seeds' runs
     ``best_lr`` with the other ``seeds - 1`` seeds (``seed + 1, ...``; seed ``seed`` is the
     tuning replica)."""
     c = run_config(config, name)
     if phase == "tune":
         c.sweep.lr, c.sweep.seeds = lr_grid(config, name), 1
+    elif phase == "extend":
+        c.sweep.lr, c.sweep.seeds = (float(best_lr),), 1
     else:
         if config.seeds < 2:
             raise ValueError("the seeds phase needs config.seeds >= 2")
@@ -146,6 +174,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.lr_factors: {f!r} must be a finite number > 0")
     if len(set(config.lr_factors)) != len(config.lr_factors):
         raise ConfigError(f"config.lr_factors={tuple(config.lr_factors)} repeats a factor")
+    extend = config.get("extend_grid", 0)
+    if not (isinstance(extend, int) and not isinstance(extend, bool) and extend >= 0):
+        raise ConfigError(f"config.extend_grid={extend!r} must be an integer >= 0 (the most lrs "
+                          "run beyond a grid edge where the best lr sits; 0: none)")
     if config.evals > config.steps:
         raise ConfigError(f"config.evals={config.evals} exceeds steps={config.steps}")
     if not 0 <= config.proj_gap_fraction <= 1:
@@ -198,6 +230,29 @@ def best_replica(summary: dict) -> dict | None:
     return min(live, key=lambda r: r["eval_loss"]) if live else None
 
 
+def _tune(config: ml_collections.ConfigDict, name: str, workdir: str) -> dict:
+    """The tuning phase of method ``name`` and its grid extensions (:func:`next_lr`, at most
+    ``extend_grid``, each in ``workdir/<name>/extend<k>``): the tuning summary with the replicas
+    of every phase (each tagged with its ``phase``) and their summed wall time."""
+    tune = _run_phase(phase_config(config, name, "tune"), os.path.join(workdir, name, "tune"),
+                      config.steps)
+    merged = dict(tune)
+    merged["replicas"] = [r | {"phase": "tune"} for r in tune.get("replicas", [])]
+    for k in range(1, config.get("extend_grid", 0) + 1):
+        best = best_replica(merged)
+        if best is None:
+            break
+        lr = next_lr(config, name, [r["peak_lr"] for r in merged["replicas"]], best["peak_lr"])
+        if lr is None or lr in {r["peak_lr"] for r in merged["replicas"]}:
+            break                     # bracketed, or the lr past the edge diverged already
+        phase = f"extend{k}"
+        ext = _run_phase(phase_config(config, name, "extend", lr),
+                         os.path.join(workdir, name, phase), config.steps)
+        merged["replicas"] += [r | {"phase": phase} for r in ext.get("replicas", [])]
+        merged["wall_seconds"] = merged.get("wall_seconds", 0.0) + ext.get("wall_seconds", 0.0)
+    return merged
+
+
 def _eval_curve(workdir: str, name: str, best: dict,
                 every: int = 1, last: int = 0) -> list[tuple[int, float, float]]:
     """``(step, mean, std)`` of the eval loss over the seeds of method ``name`` at its best lr
@@ -206,7 +261,7 @@ def _eval_curve(workdir: str, name: str, best: dict,
     out)."""
     from lrx.train.loop import read_metrics
 
-    rows = [r for r in read_metrics(os.path.join(workdir, name, "tune"))
+    rows = [r for r in read_metrics(os.path.join(workdir, name, best.get("phase", "tune")))
             if r.get("replica") == best["replica"]]
     rows += read_metrics(os.path.join(workdir, name, "seeds"))
     by_step: dict[int, list[float]] = {}
@@ -225,7 +280,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _row(config, name: str, tune: dict, seeds: dict | None) -> dict[str, Any]:
-    grid = lr_grid(config, name)
+    grid = sorted({*lr_grid(config, name), *(r["peak_lr"] for r in tune.get("replicas", []))})
     best = best_replica(tune)
     ppl, source = PAPER_60M_PPL.get(name, (None, ""))
     row: dict[str, Any] = {"method": name, "paper lr": config.paper_lr[name],
@@ -276,15 +331,19 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
     title = (f"Pretraining at {config.steps} steps x {config.batch_size} x {config.seq_len} "
              f"tokens ({config.steps * tokens_per_step / 1e6:.2f}M tokens), model {config.model}, "
              f"{first.get('data', {}).get('corpus', '?')}, {first.get('devices', '?')}; lr tuned "
-             f"over {tuple(config.lr_factors)} x paper lr, best lr with {config.seeds} seeds")
+             f"over {tuple(config.lr_factors)} x paper lr"
+             + (f" (extended past an edge up to {config.extend_grid} times)"
+                if config.get("extend_grid", 0) else "")
+             + f", best lr with {config.seeds} seeds")
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     common.write_table(workdir, "pretrain_table", public, title=title)
     tuning = []
     for n in config.methods:
         if n not in tunes:
             continue
-        for r in tunes[n].get("replicas", []):
-            tuning.append({"method": n, "lr": r["peak_lr"], "status": r["status"],
+        for r in sorted(tunes[n].get("replicas", []), key=lambda r: r["peak_lr"]):
+            tuning.append({"method": n, "lr": r["peak_lr"], "phase": r.get("phase", "tune"),
+                           "status": r["status"],
                            "eval loss": r["eval_loss"], "eval bits/byte": r["eval_bits_per_byte"],
                            "train loss": r["final_train_loss"]})
     common.write_table(workdir, "tuning", tuning, title="Tuning sweeps (seed "
@@ -319,7 +378,8 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
                     key=lambda r: r["_mean_bpb"])
     summary = {"experiment": "pretrain_table", "model": config.model, "steps": config.steps,
                "batch_size": config.batch_size, "seq_len": config.seq_len,
-               "lr_factors": list(config.lr_factors), "seeds": config.seeds,
+               "lr_factors": list(config.lr_factors),
+               "extend_grid": config.get("extend_grid", 0), "seeds": config.seeds,
                "rows": public, "tuning": tuning,
                "curves": {n: [{"step": s, "tokens": s * tokens_per_step, "eval_loss": v,
                                "eval_loss_std": sd} for s, v, sd in c]
@@ -327,7 +387,8 @@ def _write_outputs(config, workdir: str, tunes: dict, seeds: dict, wall0: float)
                "orderings": orderings,
                "ordering_stable_since_step": stable_since,
                "ordering_by_eval_loss": [r["method"] for r in ranked],
-               "complete": all(n in seeds for n in config.methods),
+               "complete": all(n in (seeds if config.seeds > 1 else tunes)
+                               for n in config.methods),
                "wall_seconds": time.perf_counter() - wall0}
     common.write_summary(workdir, summary)
     return summary
@@ -356,12 +417,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tunes: dict[str, dict] = {}
     seeds: dict[str, dict] = {}
     for name in config.methods:   # phase 1 for every method first: a tuned table early
-        tunes[name] = _run_phase(phase_config(config, name, "tune"),
-                                 os.path.join(workdir, name, "tune"), config.steps)
+        tunes[name] = _tune(config, name, workdir)
         _write_outputs(config, workdir, tunes, seeds, wall0)
     for name in config.methods:
         best = best_replica(tunes[name])
-        if best is None:
+        if best is None or config.seeds < 2:   # seeds=1: the tuning replica is the row
             continue
         seeds[name] = _run_phase(phase_config(config, name, "seeds", best["peak_lr"]),
                                  os.path.join(workdir, name, "seeds"), config.steps)

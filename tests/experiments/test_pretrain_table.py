@@ -141,3 +141,71 @@ def test_eval_curve_joins_the_tuning_replica_and_the_seeds(tmp_path):
     assert [s for s, _, _ in curve] == [10, 20]
     for (_, mean, std), values in zip(curve, ([3.0, 4.0, 3.5], [2.0, 2.2, 2.4])):
         assert np.isclose(mean, np.mean(values)) and np.isclose(std, np.std(values, ddof=1))
+
+
+# -- grid extension past an edge (extend_grid) and the seeds=1 table -----------------------------
+
+def _fake_phases(monkeypatch, losses: dict[float, float], diverged=()):
+    """``_run_phase`` replaced by a table of final eval losses per lr; returns the list of
+    (phase dir, lrs) it was called with."""
+    calls = []
+
+    def run_phase(c, sub, steps):
+        lrs = tuple(c.sweep.lr)
+        calls.append((os.path.basename(sub), lrs))
+        return _tune_summary({lr: losses[lr] for lr in lrs}, diverged=diverged)
+
+    monkeypatch.setattr(pretrain_table, "_run_phase", run_phase)
+    return calls
+
+
+def test_grid_extends_past_the_edge_until_the_best_lr_is_inside(monkeypatch, tmp_path):
+    c = get_config("methods=adamw,extend_grid=3")
+    pretrain_table.validate(c)
+    # paper lr 1e-3, grid 3.333e-4/1e-3/3e-3; the loss falls up to 9e-3 and rises at 2.7e-2
+    losses = {3.333e-4: 4.0, 1e-3: 3.0, 3e-3: 2.5, 9e-3: 2.2, 0.027: 2.4, 0.081: 9.0}
+    calls = _fake_phases(monkeypatch, losses)
+    tune = pretrain_table._tune(c, "adamw", str(tmp_path))
+    assert calls == [("tune", (3.333e-4, 1e-3, 3e-3)), ("extend1", (9e-3,)),
+                     ("extend2", (0.027,))]                     # 9e-3 bracketed: stop
+    best = pretrain_table.best_replica(tune)
+    assert (best["peak_lr"], best["phase"]) == (9e-3, "extend1")
+    row = pretrain_table._row(c, "adamw", tune, None)
+    assert row["best lr"] == "0.009" and row["lr grid"] == "0.0003333/0.001/0.003/0.009/0.027"
+
+
+def test_grid_extends_downwards_and_stops_at_the_limit_or_a_divergence(monkeypatch, tmp_path):
+    c = get_config("methods=adamw,extend_grid=1")
+    losses = {1.111e-4: 1.0, 3.333e-4: 2.0, 1e-3: 3.0, 3e-3: 4.0}
+    calls = _fake_phases(monkeypatch, losses)
+    tune = pretrain_table._tune(c, "adamw", str(tmp_path))
+    assert [p for p, _ in calls] == ["tune", "extend1"] and calls[1][1] == (1.111e-4,)
+    assert pretrain_table._row(c, "adamw", tune, None)["best lr"] == "0.0001111 (grid edge)"
+    # an lr past the top edge that diverges ends the extension (it is not retried)
+    c = get_config("methods=adamw,extend_grid=3")
+    losses = {3.333e-4: 4.0, 1e-3: 3.0, 3e-3: 2.5, 9e-3: 0.0}
+    calls = _fake_phases(monkeypatch, losses, diverged=(9e-3,))
+    tune = pretrain_table._tune(c, "adamw", str(tmp_path))
+    assert [p for p, _ in calls] == ["tune", "extend1"]
+    assert pretrain_table.best_replica(tune)["peak_lr"] == 3e-3
+    # extend_grid=0 (the default) runs the grid alone
+    calls = _fake_phases(monkeypatch, {3.333e-4: 4.0, 1e-3: 3.0, 3e-3: 2.5})
+    pretrain_table._tune(get_config("methods=adamw"), "adamw", str(tmp_path))
+    assert [p for p, _ in calls] == ["tune"]
+
+
+@pytest.mark.parametrize("value", ["-1", "1.5", "True"])
+def test_extend_grid_must_be_a_count(value):
+    with pytest.raises(ConfigError, match="extend_grid"):
+        pretrain_table.validate(get_config("methods=lora,extend_grid=" + value))
+
+
+def test_one_seed_reports_the_tuning_replica(monkeypatch, tmp_path):
+    c = get_config("methods=adamw,seeds=1")
+    pretrain_table.validate(c)
+    calls = _fake_phases(monkeypatch, {3.333e-4: 4.0, 1e-3: 3.0, 3e-3: 3.5})
+    out = pretrain_table.run(c, str(tmp_path))
+    assert [p for p, _ in calls] == ["tune"]                  # no seeds phase
+    summary = json.load(open(tmp_path / "summary.json"))
+    assert summary["complete"] and out["ordering_by_eval_loss"] == ["adamw"]
+    assert summary["rows"][0]["eval bits/byte (mean ± std)"] == f"{3.0 / np.log(2):.4f} (tune, n=1)"
