@@ -70,6 +70,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.vocab_size = 32000
     c.batch_size = 1
     c.seq_len = 256
+    c.micro_batches = 1            # gradient accumulation: micro_batches x batch_size per step
     c.dtype = "bfloat16"           # parameters and compute
     c.update_proj_gap = 200
     c.density = 0.25               # FRUGAL
@@ -91,7 +92,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         common.check_choice(o, tuple(ROWS), "optimizers[...]")
     common.check_choice(config.dtype, ("float32", "bfloat16"), "dtype")
     common.check_choice(config.proj_type, ("std", "reverse_std", "left", "right"), "proj_type")
-    for key in ("vocab_size", "batch_size", "seq_len", "update_proj_gap", "block_size"):
+    for key in ("vocab_size", "batch_size", "seq_len", "update_proj_gap", "block_size",
+                "micro_batches"):
         common.check_positive(config[key], key)
     common.check_positive(config.num_layers, "num_layers", allow_zero=True)
     for m in config.fsdp_models:
@@ -200,18 +202,19 @@ def measure(c: ml_collections.ConfigDict, model_name: str, name: str, *,
     cfg, model, params, loss_fn = model_shapes(c, model_name,
                                                scan_layers=variant != "ordinary_unrolled")
     opt = build_optimizer(name, c, model_name, params)
-    batch = jax.ShapeDtypeStruct((1, c.batch_size, c.seq_len + 1), jnp.int32)
+    batch = jax.ShapeDtypeStruct((c.micro_batches, c.batch_size, c.seq_len + 1), jnp.int32)
     if variant == "per_layer":
         pl = per_layer.make_per_layer_step(*per_layer.llama_pieces(cfg), opt)
         init, step = pl.init, pl.step
     else:
-        init, step = opt.init, loop.make_step(loss_fn, opt)
+        init, step = opt.init, loop.make_step(loss_fn, opt, micro_batches=c.micro_batches)
     state = jax.eval_shape(lambda p: loop.TrainState(
         step=jnp.zeros((), jnp.int32), params=p, frozen={}, opt_state=init(p),
         rng=jax.random.key_data(jax.random.key(0))), params)
     row = dict(model=model_name, optimizer=name, variant=variant,
                per_layer=variant == "per_layer", state_dtype=state_dtype,
-               batch=f"{c.batch_size}x{c.seq_len}", param_bytes=loop.tree_bytes(params),
+               batch=f"{c.batch_size}x{c.seq_len}", micro_batches=c.micro_batches,
+               param_bytes=loop.tree_bytes(params),
                state_bytes=loop.tree_bytes(state.opt_state))
     if compile:
         t0 = time.perf_counter()
@@ -406,8 +409,9 @@ TARGETS = (
 
 
 def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets from the measured rows (rows missing from the run are skipped)."""
-    by = {(r["model"], r["optimizer"]): r for r in rows}
+    """The issue's targets from the measured rows (rows missing from the run are skipped; the
+    targets are for one micro-batch per step, so rows with ``micro_batches > 1`` give none)."""
+    by = {(r["model"], r["optimizer"]): r for r in rows if r.get("micro_batches", 1) == 1}
     out = []
     for label, model, num, den, bound in TARGETS:
         if (model, num) not in by or (den and (model, den) not in by):

@@ -66,6 +66,9 @@ def test_targets_from_rows():
     assert len(got) == 3                                            # galore f32 row missing
     values = sorted(got.values())
     assert values == [(0.25, True), (0.9, False), (20.0, True)]
+    # the targets are for one micro-batch: accumulated rows give none
+    accumulated = [r | {"micro_batches": 8} for r in rows]
+    assert bench_memory.targets(accumulated) == []
 
 
 def test_validate_names_the_problem():

@@ -377,8 +377,9 @@ def test_builder_exposes_the_newer_param_methods():
         state, is_leaf=lambda x: type(x).__name__ == "SoRAProximalState"))
 
 
-def _per_layer_config(per_layer, **optimizer):
+def _per_layer_config(per_layer, micro_batches=1, **optimizer):
     config = _config(3, "smoke,scan")
+    config.train.micro_batches = micro_batches
     lm.switch_optimizer(config, "galore")
     config.optimizer.rank = 4
     config.optimizer.update_proj_gap = 2  # a refresh at steps 0 and 2
@@ -389,11 +390,13 @@ def _per_layer_config(per_layer, **optimizer):
     return config
 
 
-def test_per_layer_training_matches_the_ordinary_step(tmp_path):
+@pytest.mark.parametrize("micro", [1, 2])
+def test_per_layer_training_matches_the_ordinary_step(tmp_path, micro):
     """train.per_layer=True (lrx.train.per_layer through lm.run and loop.train's step_fn) gives
-    the ordinary step's parameters for GaLore on the scanned tiny LLaMA."""
-    lm.run(_per_layer_config(False), str(tmp_path / "ordinary"))
-    summary = lm.run(_per_layer_config(True), str(tmp_path / "per_layer"))
+    the ordinary step's parameters for GaLore on the scanned tiny LLaMA, with and without
+    gradient accumulation (micro=2: layer-major accumulation against the ordinary scan)."""
+    lm.run(_per_layer_config(False, micro), str(tmp_path / "ordinary"))
+    summary = lm.run(_per_layer_config(True, micro), str(tmp_path / "per_layer"))
     assert summary["steps"] == 3
     a = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "ordinary", 3))])
     b = np.concatenate([np.ravel(x) for x in _leaves(_final_params(tmp_path / "per_layer", 3))])
