@@ -1,5 +1,5 @@
-"""lrx.train: the shared training loop (train state, jit'd step with gradient accumulation and
-buffer donation, evaluation, orbax checkpoints with exact resume, metrics files, NaN stop,
+"""lrx.train: the shared training loop (train state and jit'd step with gradient accumulation in
+``lrx.train.step``, re-exported by ``lrx.train.loop``; buffer donation, evaluation, orbax checkpoints with exact resume, metrics files, NaN stop,
 SIGTERM/SIGINT handling) and device-mesh sharding rules. ``lrx.train.scan.fit`` is a compact
 scan-compiled loop for tiny synthetic problems. ``lrx.train.per_layer.make_per_layer_step``
 updates each layer of a scanned stack inside the backward pass (GaLore's per-layer updates).

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import optax
 
 from lrx.optim.engine import after, from_int_view, int_view, late_zero
-from lrx.train.loop import TrainState
+from lrx.train.step import TrainState
 
 PyTree = Any
 

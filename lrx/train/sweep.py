@@ -49,6 +49,7 @@ import numpy as np
 import optax
 
 from lrx.optim.engine import inject_hyperparams
+from lrx.train.step import make_step
 
 PyTree = Any
 
@@ -126,11 +127,9 @@ def make_sweep_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     ``optimizer``: a :func:`sweep_optimizer` (any replica's: the learning rate is read from the
     state); ``axes``: :func:`replica_axes` of one replica's state; ``batch`` is shared by every
     replica (leading axis ``micro_batches``); ``step``: the single-replica step (default
-    :func:`lrx.train.loop.make_step`). Metrics have shape ``(K,)`` and include ``alive`` (1 while
+    :func:`lrx.train.step.make_step`). Metrics have shape ``(K,)`` and include ``alive`` (1 while
     the replica trains, 0 once it diverged; see the module docstring).
     """
-    from lrx.train.loop import make_step
-
     single = step or make_step(loss_fn, optimizer, micro_batches=micro_batches)
 
     def guarded(state, batch):
