@@ -150,7 +150,8 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
     """A train step that updates each layer inside the backward pass (see the module docstring).
 
     Args:
-      embed_fn: ``(outer_params, batch) -> x_0`` (e.g. ``(B, T, H)`` activations).
+      embed_fn: ``(outer_params, batch) -> x_0`` (e.g. ``(B, T, H)`` activations), row by row:
+        with micro-batches its gradient is taken once over the rows of all of them.
       layer_fn: ``(layer_params, x) -> x`` for one layer (``layer_params`` = one slice of the
         stacked ``params[layers_key]``; same shape in and out).
       head_fn: ``(outer_params, x_L, batch) -> loss`` (float32 scalar).
@@ -316,13 +317,11 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
             0, num_layers, backward,
             (g_xs, stack, state.opt_state["layers"], jnp.zeros((), jnp.float32)))
 
-        def embed(m, g_sum):
-            _, embed_vjp = jax.vjp(lambda o: embed_fn(o, micro_batch(m)), outer)
-            (g_embed,) = embed_vjp(jax.lax.dynamic_index_in_dim(g_xs, m, 0, keepdims=False))
-            return jax.tree_util.tree_map(lambda a, g: a + g.astype(a.dtype), g_sum, g_embed)
-
-        g_outer = jax.lax.fori_loop(0, micro, embed, g_head_sum)
-        g_outer = jax.tree_util.tree_map(lambda g: g / micro, g_outer)
+        rows = lambda x: x.reshape((-1, *x.shape[2:]))  # noqa: E731
+        _, embed_vjp = jax.vjp(lambda o: embed_fn(o, jax.tree_util.tree_map(rows, batch)), outer)
+        (g_embed,) = embed_vjp(rows(g_xs))
+        g_outer = jax.tree_util.tree_map(lambda a, g: (a + g.astype(a.dtype)) / micro,
+                                         g_head_sum, g_embed)
         return finish(state, outer, stack, g_outer, layer_state, sq, loss_sum / micro)
 
     return PerLayer(init, step)
