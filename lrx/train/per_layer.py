@@ -175,6 +175,24 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
         outer, stack = _split(params, layers_key)
         return {"outer": optimizer.init(outer), "layers": jax.vmap(optimizer.init)(stack)}
 
+    def forward_layers(x0, stack, num_layers):
+        """``(x_L, inputs, stack)``: the layers run in a loop from ``x0``; ``inputs (L, ...)``
+        holds each layer's input."""
+        # The stacks travel as loop carries through optimization barriers: XLA:CPU computes
+        # bf16 dots in float32 and would otherwise hoist a float32 copy of the whole stacked
+        # weights out of the loops (llama_7b: f32[32,4096,11008] loop buffers, 24 GiB).
+        def forward(i, carry):
+            x, saved, stack = jax.lax.optimization_barrier(carry)
+            saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(x), i, 0)
+            return layer_fn(_take(stack, i), x), saved, stack
+
+        # The layer inputs are kept as their uint16 view (16-bit activations): the backward
+        # loop slices them, and XLA:CPU computed the slice of a bf16 stack through a float32
+        # copy of the whole stack (llama_7b: 128 MiB, alive through both loops).
+        return jax.lax.fori_loop(
+            0, num_layers, forward,
+            (x0, jnp.zeros((num_layers, *x0.shape), int_view(x0).dtype), stack))
+
     def update_layer(g_layer, g_x, stack, layer_state, i):
         """Layer ``i`` updated with its gradient ``g_layer`` and written back into the stacks.
         The update starts once the whole layer is differentiated (its state slice, e.g. the step
@@ -215,20 +233,7 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
 
         x0, embed_vjp = jax.vjp(lambda o: embed_fn(o, batch), outer)
 
-        # The stacks travel as loop carries through optimization barriers: XLA:CPU computes
-        # bf16 dots in float32 and would otherwise hoist a float32 copy of the whole stacked
-        # weights out of the loops (llama_7b: f32[32,4096,11008] loop buffers, 24 GiB).
-        def forward(i, carry):
-            x, saved, stack = jax.lax.optimization_barrier(carry)
-            saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(x), i, 0)
-            return layer_fn(_take(stack, i), x), saved, stack
-
-        # The layer inputs are kept as their uint16 view (16-bit activations): the backward
-        # loop slices them, and XLA:CPU computed the slice of a bf16 stack through a float32
-        # copy of the whole stack (llama_7b: 128 MiB, alive through both loops).
-        x_last, inputs, stack = jax.lax.fori_loop(
-            0, num_layers, forward,
-            (x0, jnp.zeros((num_layers, *x0.shape), int_view(x0).dtype), stack))
+        x_last, inputs, stack = forward_layers(x0, stack, num_layers)
         # The head reads the outer parameters only once the forward loop is done: XLA:CPU's
         # float32 copy of the LM head for its matmuls (llama_7b: 500 MiB) was otherwise made
         # at the start of the step and kept across both loops.
@@ -266,16 +271,7 @@ def make_per_layer_step(embed_fn: Callable[[PyTree, PyTree], jax.Array],
         def forward(m, carry):
             inputs, g_xs, g_head_sum, loss_sum, stack = carry
             b = micro_batch(m)
-            x0 = embed_fn(outer, b)
-
-            def layer(i, c):
-                x, saved, stack = jax.lax.optimization_barrier(c)
-                saved = jax.lax.dynamic_update_index_in_dim(saved, int_view(x), i, 0)
-                return layer_fn(_take(stack, i), x), saved, stack
-
-            x_last, saved, stack = jax.lax.fori_loop(
-                0, num_layers, layer,
-                (x0, jnp.zeros((num_layers, *view.shape), view.dtype), stack))
+            x_last, saved, stack = forward_layers(embed_fn(outer, b), stack, num_layers)
             loss, (g_head, g_x) = jax.value_and_grad(head_fn, argnums=(0, 1))(
                 after(outer, x_last), x_last, b)
             inputs = jax.lax.dynamic_update_index_in_dim(inputs, saved, m, 0)

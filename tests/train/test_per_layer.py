@@ -48,18 +48,29 @@ def _setup():
     return params, tokens, loss_fn
 
 
-def _per_layer_run(params, tokens, opt, **kwargs):
-    pl = make_per_layer_step(*llama_pieces(CFG), opt, **kwargs)
-    state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={},
-                            opt_state=pl.init(params),
-                            rng=jax.random.key_data(jax.random.key(0)))
-    step = jax.jit(pl.step)
+def _steps(step, state, tokens):
+    """``STEPS`` jitted steps; returns the state and the per-step losses and gradient norms."""
+    step = jax.jit(step)
     losses, norms = [], []
     for t in range(STEPS):
         state, m = step(state, tokens[t])
         losses.append(float(m["loss"]))
         norms.append(float(m["grad_norm"]))
     return state, losses, norms
+
+
+def _per_layer_run(params, tokens, opt, **kwargs):
+    pl = make_per_layer_step(*llama_pieces(CFG), opt, **kwargs)
+    state = loop.TrainState(step=jnp.zeros((), jnp.int32), params=params, frozen={},
+                            opt_state=pl.init(params),
+                            rng=jax.random.key_data(jax.random.key(0)))
+    return _steps(pl.step, state, tokens)
+
+
+def _ordinary_run(params, tokens, loss_fn, opt):
+    """The ordinary step (``loop.make_step``; micro-batches = ``tokens.shape[1]``)."""
+    step = loop.make_step(loss_fn, opt, micro_batches=tokens.shape[1])
+    return _steps(step, loop.create_state(params, opt, seed=0), tokens)
 
 
 def _close(a, b, tol):
@@ -76,13 +87,7 @@ FAST = ("adamw", "galore", "galore_base_adam")
 def test_per_layer_equals_ordinary_step(name):
     params, tokens, loss_fn = _setup()
     opt = OPTIMIZERS[name]()
-    state = loop.create_state(params, opt, seed=0)
-    step = jax.jit(loop.make_step(loss_fn, opt))
-    losses, norms = [], []
-    for t in range(STEPS):
-        state, m = step(state, tokens[t])
-        losses.append(float(m["loss"]))
-        norms.append(float(m["grad_norm"]))
+    state, losses, norms = _ordinary_run(params, tokens, loss_fn, opt)
     pl_state, pl_losses, pl_norms = _per_layer_run(params, tokens, opt)
     np.testing.assert_allclose(pl_losses, losses, rtol=1e-5)
     np.testing.assert_allclose(pl_norms, norms, rtol=1e-4)
@@ -111,13 +116,7 @@ def test_accumulation_equals_the_ordinary_accumulated_step(name):
     params, _, loss_fn = _setup()
     tokens = jax.random.randint(jax.random.key(2), (STEPS, MICRO, 2, 13), 0, CFG.vocab_size)
     opt = OPTIMIZERS[name]()
-    state = loop.create_state(params, opt, seed=0)
-    step = jax.jit(loop.make_step(loss_fn, opt, micro_batches=MICRO))
-    losses, norms = [], []
-    for t in range(STEPS):
-        state, m = step(state, tokens[t])
-        losses.append(float(m["loss"]))
-        norms.append(float(m["grad_norm"]))
+    state, losses, norms = _ordinary_run(params, tokens, loss_fn, opt)
     pl_state, pl_losses, pl_norms = _per_layer_run(params, tokens, opt)
     np.testing.assert_allclose(pl_losses, losses, rtol=1e-5)
     np.testing.assert_allclose(pl_norms, norms, rtol=1e-4)
