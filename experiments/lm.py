@@ -100,7 +100,8 @@ def defaults() -> ml_collections.ConfigDict:
         resume=True,
         stop_grace_seconds=60.0,  # after SIGTERM/SIGINT: wait this long for a step boundary
         # per_layer=True: each layer is updated inside the backward pass (lrx.train.per_layer;
-        # needs model.scan_layers, one micro-batch, dense params; grad_clip clips per layer)
+        # needs model.scan_layers and dense params; grad_clip clips per layer; micro-batches
+        # accumulate layer-major)
         per_layer=False))
     c.mesh = ml_collections.ConfigDict(dict(data=0, fsdp=1))
     c.multihost = False
